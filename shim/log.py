@@ -1,0 +1,53 @@
+"""Logging setup: structlog, JSON lines, context variables bound per sandbox/container/exec.
+
+The shim daemon logs to the bundle's ``log`` FIFO (dup'ed onto stderr), which containerd folds into
+its own log. Only the serving daemon configures logging; ``start`` and ``delete`` must keep stdout
+clean, so they log to stderr only on failure.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any, TextIO
+
+import structlog
+
+
+def configure(*, level: str = "info", stream: TextIO | None = None, json: bool = True) -> None:
+    """Configure structlog and the stdlib root logger to write one JSON object per line."""
+    out = stream if stream is not None else sys.stderr
+    lvl = getattr(logging, level.upper(), logging.INFO)
+    processors: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True, key="time"),
+        structlog.processors.format_exc_info,
+    ]
+    renderer: Any = (
+        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=[*processors, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(lvl),
+        logger_factory=structlog.PrintLoggerFactory(file=out),
+        cache_logger_on_first_use=False,
+    )
+    root = logging.getLogger()
+    root.handlers[:] = []
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(logging.Formatter('{"level":"%(levelname)s","logger":"%(name)s","event":%(message)r}'))
+    root.addHandler(handler)
+    root.setLevel(lvl)
+
+
+def get_logger(name: str | None = None, **bound: Any) -> Any:
+    """A structlog logger, optionally with values bound (``sandbox_id=...``)."""
+    log = structlog.get_logger(name) if name else structlog.get_logger()
+    return log.bind(**bound) if bound else log
+
+
+bind_contextvars = structlog.contextvars.bind_contextvars
+bound_contextvars = structlog.contextvars.bound_contextvars
+
+__all__ = ["bind_contextvars", "bound_contextvars", "configure", "get_logger"]

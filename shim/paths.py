@@ -1,0 +1,132 @@
+"""Every on-disk location pyvm uses, in one place (one owner per fact).
+
+Per-sandbox runtime files live under ``/run/pyvm/sbs/<sandbox-id>/`` (tmpfs: gone after a reboot,
+as a VM would be). The root can be moved with ``PYVM_RUN_ROOT`` (tests use a temp dir).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from shim.ids import validate_id
+
+#: where `pyvm guest build` installs guest images: <root>/<arch>/<hash>/ and <root>/<arch>/current
+GUEST_ROOT = Path(os.environ.get("PYVM_GUEST_ROOT", "/var/lib/pyvm/guest"))
+#: default configuration file (overridden by PYVM_CONFIG and by containerd's ConfigPath option)
+DEFAULT_CONFIG = Path("/etc/pyvm/configuration.toml")
+#: host-wide caches (accelerator verdict, ...)
+CACHE_ROOT = Path(os.environ.get("PYVM_CACHE_ROOT", "/var/cache/pyvm"))
+#: containerd's hard-coded shim socket directory (1.6/1.7)
+SHIM_SOCKET_DIR = Path("/run/containerd/s")
+
+#: virtio-serial port name of the guest agent and the virtio-fs tag of the sandbox share
+AGENT_PORT_NAME = "io.pyvm.agent.0"
+LOG_PORT_NAME = "io.pyvm.log.0"
+SHARE_TAG = "pyvm-shared"
+#: where the guest mounts the sandbox share
+GUEST_SHARE_DIR = "/run/pyvm/shared"
+
+
+def run_root() -> Path:
+    return Path(os.environ.get("PYVM_RUN_ROOT", "/run/pyvm"))
+
+
+def guest_dir(arch: str) -> Path:
+    """The installed guest image for ``arch`` (``x86_64`` or ``aarch64``)."""
+    return GUEST_ROOT / arch / "current"
+
+
+@dataclass(frozen=True)
+class SandboxDir:
+    """The runtime directory of one sandbox (one VM) and every file in it."""
+
+    sandbox_id: str
+    root: Path
+
+    @classmethod
+    def for_sandbox(cls, sandbox_id: str, base: Path | None = None) -> SandboxDir:
+        validate_id(sandbox_id, kind="sandbox id")
+        return cls(sandbox_id, (base or run_root() / "sbs") / sandbox_id)
+
+    @property
+    def state_json(self) -> Path:
+        return self.root / "state.json"
+
+    @property
+    def qmp_sock(self) -> Path:
+        return self.root / "qmp.sock"
+
+    @property
+    def agent_sock(self) -> Path:
+        return self.root / "agent.sock"
+
+    @property
+    def guest_log_sock(self) -> Path:
+        return self.root / "guest-log.sock"
+
+    @property
+    def virtiofsd_sock(self) -> Path:
+        return self.root / "virtiofsd.sock"
+
+    @property
+    def metrics_sock(self) -> Path:
+        return self.root / "metrics.sock"
+
+    @property
+    def console_log(self) -> Path:
+        return self.root / "console.log"
+
+    @property
+    def qemu_log(self) -> Path:
+        return self.root / "qemu.log"
+
+    @property
+    def virtiofsd_log(self) -> Path:
+        return self.root / "virtiofsd.log"
+
+    @property
+    def guest_log(self) -> Path:
+        return self.root / "guest.log"
+
+    @property
+    def qemu_pid(self) -> Path:
+        return self.root / "qemu.pid"
+
+    @property
+    def virtiofsd_pid(self) -> Path:
+        return self.root / "virtiofsd.pid"
+
+    @property
+    def efivars(self) -> Path:
+        """The per-VM writable copy of the UEFI variable store."""
+        return self.root / "efivars.fd"
+
+    @property
+    def share(self) -> Path:
+        """Host side of the virtio-fs share; the guest sees it at GUEST_SHARE_DIR."""
+        return self.root / "shared"
+
+    def container_share(self, container_id: str) -> Path:
+        validate_id(container_id, kind="container id")
+        return self.share / container_id
+
+    def guest_container_dir(self, container_id: str) -> str:
+        validate_id(container_id, kind="container id")
+        return f"{GUEST_SHARE_DIR}/{container_id}"
+
+
+__all__ = [
+    "AGENT_PORT_NAME",
+    "CACHE_ROOT",
+    "DEFAULT_CONFIG",
+    "GUEST_ROOT",
+    "GUEST_SHARE_DIR",
+    "LOG_PORT_NAME",
+    "SHARE_TAG",
+    "SHIM_SOCKET_DIR",
+    "SandboxDir",
+    "guest_dir",
+    "run_root",
+]
