@@ -1,0 +1,44 @@
+"""Envelope helpers shared by client and server: metadata and status on ``ttrpc.Request/Response``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+from shim._pb.ttrpc import request_pb2
+
+READ_CHUNK = 256 * 1024
+"""How much one transport read asks for; big enough that a 4 MiB message takes few reads."""
+
+
+def metadata_to_wire(metadata: Mapping[str, str | Sequence[str]] | None) -> list[request_pb2.KeyValue]:
+    """One ``KeyValue`` per value, keys lower-cased (Go ttrpc ``MD.setRequest``)."""
+    if not metadata:
+        return []
+    out: list[request_pb2.KeyValue] = []
+    for key, values in metadata.items():
+        k = key.lower()
+        if isinstance(values, str):
+            out.append(request_pb2.KeyValue(key=k, value=values))
+        else:
+            out.extend(request_pb2.KeyValue(key=k, value=v) for v in values)
+    return out
+
+
+def metadata_from_wire(pairs: Iterable[request_pb2.KeyValue]) -> dict[str, list[str]]:
+    md: dict[str, list[str]] = {}
+    for kv in pairs:
+        md.setdefault(kv.key.lower(), []).append(kv.value)
+    return md
+
+
+def error_response(code: int, message: str) -> bytes:
+    """A serialized ``Response`` carrying only a status."""
+    resp = request_pb2.Response()
+    resp.status.code = int(code)
+    resp.status.message = message
+    return resp.SerializeToString()
+
+
+def ok_response(payload: bytes) -> bytes:
+    """A serialized successful ``Response``: no ``status`` field at all, like the Go server."""
+    return request_pb2.Response(payload=payload).SerializeToString()
