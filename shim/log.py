@@ -36,7 +36,9 @@ def configure(*, level: str = "info", stream: TextIO | None = None, json: bool =
     root = logging.getLogger()
     root.handlers[:] = []
     handler = logging.StreamHandler(out)
-    handler.setFormatter(logging.Formatter('{"level":"%(levelname)s","logger":"%(name)s","event":%(message)r}'))
+    handler.setFormatter(
+        logging.Formatter('{"level":"%(levelname)s","logger":"%(name)s","event":%(message)r}')
+    )
     root.addHandler(handler)
     root.setLevel(lvl)
 

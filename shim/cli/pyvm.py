@@ -49,7 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     if getattr(args, "_unavailable", None):
-        print(f"pyvm {args.command}: not available in this build ({args._unavailable} missing)", file=sys.stderr)
+        print(
+            f"pyvm {args.command}: not available in this build ({args._unavailable} missing)", file=sys.stderr
+        )
         return 2
     return int(args._run(args) or 0)
 

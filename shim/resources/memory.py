@@ -101,4 +101,12 @@ def plan(
     return MemoryPlan(default=default, reserved=reserved, target=target, maximum=maximum)
 
 
-__all__ = ["MiB", "SANDBOX_MEMORY_ANNOTATION", "MemoryPlan", "limit_of", "plan", "round_up", "sandbox_memory_hint"]
+__all__ = [
+    "MiB",
+    "SANDBOX_MEMORY_ANNOTATION",
+    "MemoryPlan",
+    "limit_of",
+    "plan",
+    "round_up",
+    "sandbox_memory_hint",
+]

@@ -25,8 +25,13 @@ def test_unlimited_cgroup_value_counts_as_no_limit():
 
 def test_sandbox_hint_used_only_without_container_limits():
     hint = sandbox_memory_hint({"io.kubernetes.cri.sandbox-memory": str(1 * GiB)})
-    assert plan(default=512 * MiB, maximum=8 * GiB, block=BLOCK, limits={}, sandbox_hint=hint).target == 1536 * MiB
-    with_limit = plan(default=512 * MiB, maximum=8 * GiB, block=BLOCK, limits={"a": 256 * MiB}, sandbox_hint=hint)
+    assert (
+        plan(default=512 * MiB, maximum=8 * GiB, block=BLOCK, limits={}, sandbox_hint=hint).target
+        == 1536 * MiB
+    )
+    with_limit = plan(
+        default=512 * MiB, maximum=8 * GiB, block=BLOCK, limits={"a": 256 * MiB}, sandbox_hint=hint
+    )
     assert with_limit.target == 768 * MiB
 
 
@@ -37,5 +42,5 @@ def test_above_maximum_is_resource_exhausted_naming_both_numbers():
 
 
 def test_bad_annotation_names_key_and_value():
-    with pytest.raises(InvalidArgument, match="sandbox-memory.*'lots'"):
+    with pytest.raises(InvalidArgument, match=r"sandbox-memory.*'lots'"):
         sandbox_memory_hint({"io.kubernetes.cri.sandbox-memory": "lots"})
