@@ -263,8 +263,8 @@ def test_comparison_catches_a_renumbered_field() -> None:
     """The checker itself: a field moved to another number must be reported."""
     pair = PAIRS[0]
     ours = _ours_file(pair.ours)
-    (exit_resp,) = [m for m in ours.message_type if m.name == "WaitResponse"]
-    exit_resp.field[0].number = 7
+    (wait_resp,) = [m for m in ours.message_type if m.name == "WaitResponse"]
+    wait_resp.field[0].number = 7
     problems = _mismatches(ours, _upstream_file(pair))
     assert any("WaitResponse" in p for p in problems), problems
 
