@@ -6,6 +6,7 @@ import asyncio
 import shutil
 import socket
 import tempfile
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +38,7 @@ class Recorder:
 
     started: list[str] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)
-    contexts: list[CallContext] = field(default_factory=list)
+    contexts: deque[CallContext] = field(default_factory=lambda: deque(maxlen=100))
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def note(self, what: list[str], key: str) -> None:
