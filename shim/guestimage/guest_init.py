@@ -1,0 +1,121 @@
+"""PID 1 of the agent guest, up to the agent: installed as ``/opt/pyvm/bin/pyvm-init`` in the image.
+
+Runs *inside the guest only* (the host never imports it); stdlib only. It mounts the API
+filesystems, loads the kernel modules the build listed in ``/etc/pyvm/modules.list`` (with
+``finit_module``: no fork per module), prints ``PYVM-AGENT-ENTRY <uptime>`` on the console and runs
+``shim.guestagent`` as ``__main__`` in this same process, so the agent is PID 1. When the image holds
+no ``shim/guestagent/__main__.py`` it prints ``PYVM-AGENT-MISSING`` and idles (a test can still time
+the boot). Kernel command line ``pyvm.init=poweroff`` powers off right after the marker (benchmarks).
+"""
+
+import ctypes
+import os
+import platform
+import sys
+
+LIB = "/opt/pyvm/lib"
+MODULES_LIST = "/etc/pyvm/modules.list"
+_libc = ctypes.CDLL(None, use_errno=True)
+_SYS_FINIT_MODULE = {"x86_64": 313, "aarch64": 273}.get(platform.machine())
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_RELATIME = 2, 4, 8, 1 << 21
+LINUX_REBOOT_CMD_POWER_OFF = 0x4321FEDC
+
+
+def console(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def uptime() -> str:
+    with open("/proc/uptime") as f:
+        return f.read().split()[0]
+
+
+def mount(source: str, target: str, fstype: str, flags: int = 0, data: str = "") -> None:
+    os.makedirs(target, exist_ok=True)
+    if os.path.ismount(target) and target != "/":
+        return
+    if _libc.mount(source.encode(), target.encode(), fstype.encode(), flags, data.encode() or None) != 0:
+        err = ctypes.get_errno()
+        console(f"pyvm-init: mount {fstype} on {target}: {os.strerror(err)}")
+
+
+def load_modules(kver: str) -> None:
+    try:
+        with open(MODULES_LIST) as f:
+            paths = [line.strip() for line in f if line.strip()]
+    except FileNotFoundError:
+        return
+    for rel in paths:
+        name = os.path.basename(rel).split(".ko")[0].replace("-", "_")
+        if os.path.isdir(f"/sys/module/{name}"):
+            continue
+        fd = os.open(f"/lib/modules/{kver}/{rel}", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if _libc.syscall(_SYS_FINIT_MODULE, fd, b"", 0) != 0:
+                err = ctypes.get_errno()
+                if err != 17:  # EEXIST: already loaded (e.g. by the initramfs)
+                    console(f"pyvm-init: finit_module {rel}: {os.strerror(err)}")
+        finally:
+            os.close(fd)
+
+
+def setup() -> None:
+    mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    mount("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755")
+    mount("cgroup2", "/sys/fs/cgroup", "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RELATIME)
+    mount("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755")
+    mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    mount("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "gid=5,mode=620,ptmxmode=666")
+    mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    load_modules(os.uname().release)
+
+
+def main() -> None:
+    if os.getpid() == 1:
+        setup()
+    os.environ.update(
+        PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        PYTHONPATH=LIB,
+        PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION="python",
+        PYTHONDONTWRITEBYTECODE="1",
+        HOME="/root",
+        LANG="C.UTF-8",
+    )
+    sys.path.insert(0, LIB)
+    sys.dont_write_bytecode = True
+    console(f"PYVM-AGENT-ENTRY {uptime()}")
+    with open("/proc/cmdline") as f:
+        cmdline = f.read().split()
+    if "pyvm.init=poweroff" in cmdline:
+        os.sync()
+        _libc.reboot(LINUX_REBOOT_CMD_POWER_OFF)
+    if not os.path.exists(f"{LIB}/shim/guestagent/__main__.py"):
+        console("PYVM-AGENT-MISSING shim/guestagent/__main__.py is not in this image")
+        idle()
+    import runpy
+
+    sys.argv = ["shim.guestagent"]
+    try:
+        runpy.run_module("shim.guestagent", run_name="__main__", alter_sys=True)
+    finally:
+        # PID 1 must not return (the kernel would panic): say so and power the VM off.
+        console("PYVM-AGENT-EXITED")
+        if os.getpid() == 1:
+            os.sync()
+            _libc.reboot(LINUX_REBOOT_CMD_POWER_OFF)
+
+
+def idle() -> None:
+    import time
+
+    while True:
+        try:
+            os.wait()
+        except ChildProcessError:
+            time.sleep(3600)
+
+
+if __name__ == "__main__":
+    main()
