@@ -1,0 +1,174 @@
+"""The long-lived shim daemon that ``start`` spawns: one per sandbox (pod).
+
+Serves the task API on the listening socket handed over as fd 3 (ttrpc) or on ``-socket`` (gRPC),
+logs JSON to the bundle's ``log`` FIFO (dup'ed onto stderr, so containerd folds it into its log),
+publishes events to ``$TTRPC_ADDRESS``, persists ``state.json`` for ``delete``, and exits after
+answering a ``Shutdown`` that leaves no task, or on SIGTERM/SIGINT. On exit it tears the sandbox
+down and removes its socket and state directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import importlib
+import os
+import signal
+import socket
+import stat
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+from shim import __version__, paths
+from shim import log as shimlog
+from shim.api import bootstrap
+from shim.api.events import EventPublisher
+from shim.api.task_api import TaskAPI, ttrpc_server
+from shim.sandbox import cleanup, persist
+from shim.sandbox.backend import SandboxBackend
+from shim.sandbox.pod import bundle_membership
+from shim.sandbox.unavailable import UnavailableBackend
+from shim.service.task_service import TaskService
+
+log = shimlog.get_logger("shim.daemon")
+
+_PR_SET_CHILD_SUBREAPER = 36
+LISTEN_FD = 3
+
+
+def load_backend() -> SandboxBackend:
+    """The sandbox backend: the VM backend once it exists; until then ``UnavailableBackend``.
+
+    TEST SEAM: ``PYVM_TEST_BACKEND=module:factory`` (e.g. ``shim.testing.fake_backend:FakeBackend``)
+    loads another backend, and only when ``PYVM_ENABLE_TEST_SEAMS=1`` is also set; otherwise the
+    daemon refuses to start. It is loaded by name on purpose: production code never imports
+    ``shim.testing``.
+    """
+    spec = bootstrap.check_test_seam()
+    if spec is None:
+        return UnavailableBackend()
+    module, _, attr = spec.partition(":")
+    factory = getattr(importlib.import_module(module), attr or "Backend")
+    log.warning("using a TEST backend", backend=spec)
+    backend: SandboxBackend = factory()
+    return backend
+
+
+def _redirect_stderr_to_log(bundle: str) -> None:
+    """Point fd 2 at the bundle's ``log`` FIFO (containerd keeps it open O_RDWR, so opening the
+    write end does not block); a regular file is appended to; no file leaves stderr as it is."""
+    path = os.path.join(bundle, "log")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISFIFO(st.st_mode):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return  # no reader: nobody would see the log anyway
+        os.set_blocking(fd, True)
+    else:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def _become_subreaper() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        log.warning("cannot become child subreaper", errno=ctypes.get_errno())
+
+
+def serve(flags: bootstrap.Flags) -> int:
+    """Run the daemon until it is told to exit; returns the process exit code."""
+    bundle = os.getcwd()
+    _redirect_stderr_to_log(bundle)
+    sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
+    shimlog.configure(level="debug" if flags.debug else "info", stream=sys.stderr)
+    shimlog.bind_contextvars(namespace=flags.namespace, shim_id=flags.id, shim_pid=os.getpid())
+    _become_subreaper()
+    try:
+        asyncio.run(_serve(flags, bundle))
+    except Exception:
+        log.exception("shim daemon failed")
+        return 1
+    return 0
+
+
+async def _serve(flags: bootstrap.Flags, bundle: str) -> None:
+    member = bundle_membership(flags.id, bundle)
+    sdir = paths.SandboxDir.for_sandbox(member.sandbox_id)
+    proto = bootstrap.protocol()
+    sock_path = flags.socket or bootstrap.socket_path(flags.address, flags.namespace, member.sandbox_id)
+    backend = load_backend()
+
+    start_time = persist.process_start_time(os.getpid()) or 0
+    record = persist.SandboxRecord(
+        sandbox_id=member.sandbox_id,
+        namespace=flags.namespace,
+        address="unix://" + sock_path,
+        bundle=bundle,
+        shim_pid=os.getpid(),
+        shim_start_time=start_time,
+    )
+
+    def on_containers_changed(containers: Mapping[str, str]) -> None:
+        record.containers = {cid: {"bundle": b} for cid, b in containers.items()}
+        persist.save(sdir, record)
+
+    persist.save(sdir, record)
+    publisher = EventPublisher(address=os.environ.get("TTRPC_ADDRESS") or None, namespace=flags.namespace)
+    publisher.start()
+    service = TaskService(
+        backend,
+        publisher,
+        shim_pid=os.getpid(),
+        version=__version__,
+        on_containers_changed=on_containers_changed,
+    )
+    api = TaskAPI(service)
+    server: Any
+    if proto == "grpc":
+        from shim.api.grpc_server import serve_grpc  # grpcio is heavy: only when asked for
+
+        server = await serve_grpc(api, sock_path)
+    else:
+        server = ttrpc_server(api)
+        if flags.socket:
+            await server.serve_unix(path=sock_path)
+            os.chmod(sock_path, 0o600)
+        else:
+            await server.serve_unix(sock=socket.socket(fileno=LISTEN_FD))
+    log.info("shim serving", protocol=proto, address=record.address, sandbox_id=member.sandbox_id)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    stopper = asyncio.create_task(stop.wait())
+    shutdown = asyncio.create_task(service.shutdown_requested.wait())
+    await asyncio.wait({stopper, shutdown}, return_when=asyncio.FIRST_COMPLETED)
+    reason = "shutdown requested" if shutdown.done() else "signal"
+    for t in (stopper, shutdown):
+        t.cancel()
+    log.info("shim exiting", reason=reason, remaining=service.container_ids)
+    # The Shutdown answer is written by the handler's task right after it returns; give it a turn.
+    await asyncio.sleep(0.05)
+    if proto == "grpc":
+        await server.stop(grace=0.5)
+    else:
+        await server.close()
+    await service.close()
+    await publisher.close()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(sock_path)
+    problems = cleanup.remove_sandbox(sdir)
+    if problems:
+        log.warning("sandbox cleanup incomplete", problems=problems)
+    log.info("shim exited", events_published=publisher.published, events_failed=publisher.failed)
+
+
+__all__ = ["LISTEN_FD", "load_backend", "serve"]
