@@ -1,0 +1,1 @@
+"""Reusable test helpers (no tests here). ``tests.helpers.containerd``: a private containerd."""
