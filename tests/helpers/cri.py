@@ -345,7 +345,7 @@ class CriContainerd:
             "HOME": str(self.workdir),
             **self.extra_env,
         }
-        logf = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child, closed below
+        logf = open(self.log_path, "ab")  # handed to the child, closed below
         try:
             self.proc = subprocess.Popen(
                 [
