@@ -261,6 +261,11 @@ def with_overrides(cfg: Config, **hypervisor: Any) -> Config:
     return _build(tables, source=cfg.source)
 
 
+def validate(cfg: Config) -> Config:
+    """Validate a Config built or modified in code (``dataclasses.replace``) like a loaded one."""
+    return _build(_to_tables(cfg), source=cfg.source)
+
+
 def _to_tables(cfg: Config) -> dict[str, dict[str, Any]]:
     def plain(v: Any) -> Any:
         if isinstance(v, Path):
@@ -446,5 +451,6 @@ __all__ = [
     "host_arch",
     "load",
     "loads",
+    "validate",
     "with_overrides",
 ]
