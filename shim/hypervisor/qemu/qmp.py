@@ -137,8 +137,12 @@ class Qmp:
             self._subs.discard(sub)
 
     async def execute(
-        self, cmd: str, args: Mapping[str, object] | None = None, *, timeout: float | None = None
-    ) -> Any:  # noqa: ASYNC109
+        self,
+        cmd: str,
+        args: Mapping[str, object] | None = None,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> Any:
         t = self.command_timeout if timeout is None else timeout
         try:
             async with asyncio.timeout(t):
