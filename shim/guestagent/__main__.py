@@ -1,0 +1,122 @@
+"""``python3 -m shim.guestagent``: the pyvm guest agent (PID 1 in the VM, or a subreaper in tests).
+
+python3 -m shim.guestagent                       serve on the virtio-serial port io.pyvm.agent.0
+python3 -m shim.guestagent --port /dev/vport0p1  serve on this port (or a unix socket to connect to)
+python3 -m shim.guestagent --listen unix:PATH    listen on a unix socket (tests on a host)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from shim import log as shimlog
+from shim.guestagent import transport
+from shim.guestagent.agent import Agent, Config
+from shim.guestagent.reaper import Reaper, become_subreaper
+from shim.guestagent.service import AGENT_VERSION, build_server
+
+log = shimlog.get_logger("shim.guestagent")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        prog="python3 -m shim.guestagent",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--listen", help="unix:PATH: listen on a unix socket instead of the port")
+    ap.add_argument("--port", type=Path, help="the agent port device (default: found by --port-name)")
+    ap.add_argument("--port-name", default=transport.AGENT_PORT_NAME)
+    ap.add_argument("--log-port-name", default=transport.LOG_PORT_NAME, help="'' disables the log port")
+    ap.add_argument("--log-level", default=os.environ.get("PYVM_AGENT_LOG_LEVEL", "info"))
+    ap.add_argument("--containers-root", type=Path, default=Config.containers_root)
+    ap.add_argument("--crun-root", default=Config.crun_root)
+    ap.add_argument("--crun", default=Config.crun_binary)
+    ap.add_argument("--cgroup-parent", default=Config.cgroup_parent)
+    ap.add_argument("--exit-io-grace", type=float, default=Config.exit_io_grace)
+    return ap.parse_args(argv)
+
+
+async def amain(args: argparse.Namespace) -> None:
+    loop = asyncio.get_running_loop()
+    reaper = Reaper()
+    reaper.start()
+    agent = Agent(
+        reaper,
+        Config(
+            containers_root=args.containers_root,
+            crun_root=args.crun_root,
+            crun_binary=args.crun,
+            cgroup_parent=args.cgroup_parent,
+            exit_io_grace=args.exit_io_grace,
+        ),
+    )
+    agent.start()
+    server = build_server(agent)
+    stop = asyncio.Event()
+    if os.getpid() != 1:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        if args.listen:
+            scheme, _, path = args.listen.partition(":")
+            if scheme != "unix" or not path:
+                raise SystemExit(f"--listen wants unix:PATH, not {args.listen!r}")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            await server.serve_unix(path)
+            log.info("agent serving", listen=path, version=AGENT_VERSION, pid=os.getpid())
+            await stop.wait()
+        else:
+            log.info("agent serving", port=str(args.port or args.port_name), version=AGENT_VERSION)
+            serving = asyncio.create_task(transport.serve_port(server, args.port, args.port_name))
+            stopping = asyncio.create_task(stop.wait())
+            await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            serving.cancel()
+            stopping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await serving
+    finally:
+        log.info("agent stopping")
+        await server.close()
+        # leave nothing behind: every container is deleted with the agent
+        await agent.destroy_sandbox()
+        await agent.close()
+        reaper.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    streams: list[object] = [sys.stderr]
+    if args.log_port_name and not args.listen:
+        port = transport.find_port(args.log_port_name)
+        if port is not None:
+            streams.append(transport.LogPort(port))
+    shimlog.configure(level=args.log_level, stream=transport.Tee(*streams))  # type: ignore[arg-type]
+    if not become_subreaper():
+        log.warning("not a subreaper: exit statuses of container processes may be lost")
+    if os.getpid() == 1:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+    while True:
+        try:
+            asyncio.run(amain(args))
+            return 0
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException:
+            log.exception("agent crashed")
+            if os.getpid() != 1:
+                return 1
+            time.sleep(1)  # PID 1 must not exit: the kernel would panic
+
+
+if __name__ == "__main__":
+    sys.exit(main())

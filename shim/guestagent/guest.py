@@ -1,0 +1,118 @@
+"""Facts about the guest kernel and memory, and bringing hot-plugged memory online."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shim.guestagent.cgroups import CGROUP_ROOT, cgroup_version
+
+MEMORY_SYSFS = Path("/sys/devices/system/memory")
+_BLOCK_RE = re.compile(r"^memory(\d+)$")
+
+
+def meminfo(path: Path = Path("/proc/meminfo")) -> dict[str, int]:
+    """/proc/meminfo in bytes, keyed by field name (``MemTotal``, ...)."""
+    out: dict[str, int] = {}
+    try:
+        text = path.read_text()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        name, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts and parts[0].isdigit():
+            out[name] = int(parts[0]) * (1024 if len(parts) > 1 and parts[1] == "kB" else 1)
+    return out
+
+
+def memory_block_size(sysfs: Path = MEMORY_SYSFS) -> int:
+    try:
+        return int((sysfs / "block_size_bytes").read_text().strip(), 16)
+    except (OSError, ValueError):
+        return 0
+
+
+@dataclass(frozen=True)
+class Details:
+    memory_block_size: int
+    kernel_release: str
+    cgroup_version: int
+    boot_id: str
+    mem_total: int
+    arch: str
+    online_cpus: int
+    memory_hotplug: bool
+
+
+def details(sysfs: Path = MEMORY_SYSFS, cgroup_root: Path = CGROUP_ROOT) -> Details:
+    try:
+        boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot_id = ""
+    uname = platform.uname()
+    return Details(
+        memory_block_size=memory_block_size(sysfs),
+        kernel_release=uname.release,
+        cgroup_version=cgroup_version(cgroup_root),
+        boot_id=boot_id,
+        mem_total=meminfo().get("MemTotal", 0),
+        arch=uname.machine,
+        online_cpus=len(os.sched_getaffinity(0)),
+        memory_hotplug=sysfs.is_dir(),
+    )
+
+
+@dataclass
+class OnlineResult:
+    blocks: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    bytes_onlined: int = 0
+    mem_total: int = 0
+
+
+def online_once(movable: bool, result: OnlineResult, sysfs: Path = MEMORY_SYSFS) -> None:
+    """Write ``online``/``online_movable`` into every offline block's ``state``."""
+    block_size = memory_block_size(sysfs)
+    target = "online_movable" if movable else "online"
+    try:
+        entries = sorted(
+            (int(m.group(1)), e.name) for e in os.scandir(sysfs) if (m := _BLOCK_RE.match(e.name))
+        )
+    except OSError:
+        return
+    failed = {f.split(":", 1)[0] for f in result.failures}
+    for _n, name in entries:
+        state = sysfs / name / "state"
+        try:
+            if state.read_text().strip() != "offline" or name in failed:
+                continue
+            state.write_text(target)
+        except OSError as exc:
+            result.failures.append(f"{name}: {exc.strerror or exc}")
+            continue
+        result.blocks.append(name)
+        result.bytes_onlined += block_size
+
+
+async def online_memory(
+    movable: bool, wait_for_bytes: int = 0, wait_ms: int = 0, sysfs: Path = MEMORY_SYSFS
+) -> OnlineResult:
+    """Online every offline memory block; keep polling (20 ms) for newly appearing ones until
+    ``wait_for_bytes`` came online or ``wait_ms`` passed. Never raises for a refused block: it is
+    listed in ``failures``.
+    """
+    result = OnlineResult()
+    deadline = time.monotonic() + wait_ms / 1000
+    while True:
+        await asyncio.to_thread(online_once, movable, result, sysfs)
+        if result.bytes_onlined >= wait_for_bytes or time.monotonic() >= deadline:
+            break
+        await asyncio.sleep(0.02)
+    result.mem_total = meminfo().get("MemTotal", 0)
+    return result
