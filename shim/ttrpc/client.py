@@ -95,6 +95,12 @@ class Client:
         """A client over an already-open stream (e.g. the virtio-serial port's unix socket)."""
         return cls(reader, writer, max_message_size=max_message_size)
 
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
     @property
     def closed(self) -> bool:
         """True once the connection is closed or broken; calls then fail with ``Unavailable``."""

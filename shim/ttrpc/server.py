@@ -21,6 +21,7 @@ Error mapping (the one place it happens, after the interceptor):
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import socket
 import struct
@@ -116,10 +117,10 @@ class Server:
             raise ValueError("serve_unix needs exactly one of path and sock")
         if self._closed:
             raise RuntimeError("server is closed")
-        if sock is not None:
-            listener = await asyncio.start_unix_server(self._on_unix_connection, sock=sock)
-        else:
+        if path is not None:
             listener = await asyncio.start_unix_server(self._on_unix_connection, path=os.fspath(path))
+        else:
+            listener = await asyncio.start_unix_server(self._on_unix_connection, sock=sock)
         self._listeners.append(listener)
 
     async def serve_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -309,8 +310,11 @@ class _Connection:
             self._handle(sid, found, ctx, req.payload), name=f"ttrpc {req.service}/{req.method} #{sid}"
         )
         self._handlers[sid] = task
-        task.add_done_callback(lambda _t, sid=sid: self._handlers.pop(sid, None))
+        task.add_done_callback(functools.partial(self._forget, sid))
         return True
+
+    def _forget(self, sid: int, _task: asyncio.Task[None]) -> None:
+        self._handlers.pop(sid, None)
 
     async def _handle(self, sid: int, method: Method, ctx: CallContext, payload: bytes) -> None:
         try:

@@ -8,6 +8,7 @@ import struct
 from pathlib import Path
 
 import pytest
+import structlog.testing
 from conftest import SERVICE, Recorder, make_methods
 
 from shim import errors
@@ -541,3 +542,41 @@ async def test_clean_shutdown_leaves_no_tasks(recorder: Recorder, short_tmp: Pat
     assert leftover == []
     assert len(recorder.cancelled) == len(clients)
     assert srv._connections == set()
+
+
+async def test_failures_are_logged_once_with_reason(recorder: Recorder, short_tmp: Path) -> None:
+    with structlog.testing.capture_logs() as logs:
+        srv = Server()
+        srv.register(SERVICE, make_methods(recorder))
+        await srv.serve_unix(short_tmp / "l.sock")
+        client = await Client.connect_unix(short_tmp / "l.sock")
+        raw = await RawConn.open(short_tmp / "l.sock")
+        try:
+            with pytest.raises(errors.Internal):
+                await client.call(SERVICE, "Boom", KeyValue(), KeyValue)
+            await raw.send(struct.pack(">IIBB", MAX_MESSAGE_SIZE + 1, 1, FrameType.REQUEST, 0))
+            await raw.recv_response()
+            assert await raw.recv() is None
+        finally:
+            await raw.close()
+            await client.close()
+            await srv.close()
+    failed = [e for e in logs if e["event"] == "ttrpc handler failed"]
+    assert len(failed) == 1 and failed[0]["log_level"] == "error" and failed[0]["exc_info"]
+    closed = [e for e in logs if e["event"] == "ttrpc connection closed"]
+    assert len(closed) == 1 and "exceeds maximum message size" in closed[0]["reason"]
+
+
+async def test_cancelling_serve_stream_cancels_its_handlers(server: Server, recorder: Recorder) -> None:
+    a, b = socket.socketpair()
+    serving = asyncio.create_task(server.serve_stream(*await asyncio.open_connection(sock=a)))
+    client = Client.from_stream(*await asyncio.open_connection(sock=b))
+    call = asyncio.create_task(client.call(SERVICE, "Sleep", KeyValue(key="s", value="60"), KeyValue))
+    await recorder.until(lambda: "s" in recorder.started)
+    serving.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await serving
+    assert recorder.cancelled == ["s"]
+    with pytest.raises(errors.Unavailable):
+        await asyncio.wait_for(call, 5)
+    await client.close()
