@@ -41,7 +41,7 @@ EPOCH = 1577836800
 #: would otherwise ignore them)
 PAUSE_ENTRYPOINT = ["/bin/sh", "-c", "trap 'exit 0' TERM INT; while :; do sleep 86400 & wait $!; done"]
 
-_GOARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
+_GOARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le", "s390x": "s390x"}
 _MT_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 _MT_CONFIG = "application/vnd.oci.image.config.v1+json"
 _MT_LAYER = "application/vnd.oci.image.layer.v1.tar"
@@ -63,10 +63,7 @@ class ImageInfo:
 def goarch(machine: str | None = None) -> str:
     """The OCI/Go architecture name of ``machine`` (default: this host)."""
     m = machine or platform.machine()
-    try:
-        return _GOARCH[m]
-    except KeyError:
-        raise ValueError(f"unsupported architecture {m!r}") from None
+    return _GOARCH.get(m, m)
 
 
 def _applets(busybox: Path) -> list[str]:

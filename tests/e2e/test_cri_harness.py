@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests.helpers as a namespace package
 
 from tests.helpers.cri import CriContainerd, linux_resources, missing_prerequisites
 
