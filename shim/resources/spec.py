@@ -1,0 +1,166 @@
+"""Rewrite a container's OCI runtime spec (``config.json``) for the guest (pure: no I/O).
+
+The spec containerd writes names host things: the bundle-relative rootfs, host bind-mount sources, host
+namespaces (the CNI netns, the pause container's ``/proc/<pid>/ns/*``), host cgroup paths, host LSM
+labels and hooks. Inside the VM the guest agent hands the spec to crun, so each of those is mapped to
+its guest counterpart or dropped:
+
+- ``root.path`` -> ``<GUEST_SHARE_DIR>/<cid>/rootfs`` (``root.readonly`` kept);
+- bind mounts -> their guest paths in the share (from :mod:`shim.resources.storage`); bind mounts that
+  could not be shared (sockets, devices) are dropped; proc/sysfs/tmpfs/devpts/mqueue/cgroup mounts kept;
+- namespaces: the network namespace entry is dropped for CRI containers and whenever it names a host
+  path, so containers join the VM's network (which carries the pod's network); other entries keep their
+  type but lose any ``path`` (a host path means nothing in the guest). **In this version pid/ipc/uts
+  sharing with the pod sandbox is per container**: a CRI app container gets its own ipc/uts/pid
+  namespaces instead of joining the pause container's (the guest agent could map them to the guest
+  pause container's namespaces later);
+- ``linux.cgroupsPath`` -> ``/pyvm/<sandbox-id>/<cid>`` (cgroupfs style, also when CRI sent systemd
+  ``slice:prefix:name``); ``linux.resources`` kept (the guest agent applies it);
+- ``process.apparmorProfile``, ``process.selinuxLabel``, ``linux.mountLabel`` and ``hooks`` are dropped
+  (the guest kernel has no such profiles; hooks would run host paths); ``linux.seccomp`` kept.
+
+Every change is reported as a human-readable adjustment so the caller can log it once.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from shim.errors import InvalidArgument
+from shim.ids import validate_id
+from shim.log import get_logger
+from shim.paths import GUEST_SHARE_DIR
+
+log = get_logger(__name__)
+
+CONTAINER_TYPE_ANNOTATION = "io.kubernetes.cri.container-type"
+GUEST_CGROUP_ROOT = "/pyvm"
+
+
+@dataclass(frozen=True)
+class GuestSpec:
+    spec: dict[str, Any]
+    adjustments: list[str] = field(default_factory=list)
+
+
+def is_cri(spec: Mapping[str, Any]) -> bool:
+    """Whether containerd's CRI plugin created this spec (sandbox or app container)."""
+    return CONTAINER_TYPE_ANNOTATION in (spec.get("annotations") or {})
+
+
+def guest_cgroups_path(sandbox_id: str, container_id: str) -> str:
+    return f"{GUEST_CGROUP_ROOT}/{sandbox_id}/{container_id}"
+
+
+def _is_bind(mount: Mapping[str, Any]) -> bool:
+    opts = mount.get("options") or ()
+    return mount.get("type") == "bind" or "bind" in opts or "rbind" in opts
+
+
+def rewrite_spec(
+    spec: Mapping[str, Any],
+    *,
+    container_id: str,
+    sandbox_id: str,
+    guest_mounts: Mapping[str, str],
+    guest_share_dir: str = GUEST_SHARE_DIR,
+) -> GuestSpec:
+    """Return the guest's copy of ``spec`` and the list of adjustments made (``spec`` is not changed).
+
+    ``guest_mounts`` maps a bind mount's spec destination to its guest source path
+    (``SharedMounts.guest_paths``); bind mounts missing from it are dropped and reported.
+    :raises InvalidArgument: when the spec is not a JSON object with a ``root`` or the ids are invalid.
+    """
+    validate_id(container_id, kind="container id")
+    validate_id(sandbox_id, kind="sandbox id")
+    if not isinstance(spec, Mapping):
+        raise InvalidArgument("OCI spec must be a JSON object")
+    out: dict[str, Any] = copy.deepcopy(dict(spec))
+    adj: list[str] = []
+    cri = is_cri(out)
+
+    # root
+    root = out.get("root")
+    if not isinstance(root, dict) or not root.get("path"):
+        raise InvalidArgument("OCI spec has no root.path")
+    guest_root = f"{guest_share_dir}/{container_id}/rootfs"
+    adj.append(f"root.path {root['path']!r} -> {guest_root!r}")
+    out["root"] = {"path": guest_root, **({"readonly": root["readonly"]} if "readonly" in root else {})}
+
+    # mounts
+    mounts = []
+    for m in out.get("mounts") or []:
+        if not _is_bind(m):
+            mounts.append(m)
+            continue
+        dest = m.get("destination", "")
+        guest = guest_mounts.get(dest)
+        if guest is None:
+            adj.append(f"dropped bind mount {dest} (source {m.get('source')!r} is not shared with the VM)")
+            continue
+        mounts.append({**m, "source": guest, "type": "bind"})
+        adj.append(f"bind mount {dest}: source {m.get('source')!r} -> {guest!r}")
+    if "mounts" in out:
+        out["mounts"] = mounts
+
+    linux = out.get("linux")
+    if isinstance(linux, dict):
+        # namespaces
+        namespaces = []
+        for ns in linux.get("namespaces") or []:
+            kind, path = ns.get("type"), ns.get("path")
+            if kind == "network" and (cri or path):
+                adj.append(
+                    f"dropped network namespace {path or '(new)'}: the container uses the VM's network"
+                )
+                continue
+            if path:
+                adj.append(
+                    f"{kind} namespace: dropped host path {path!r}; a new {kind} namespace in the guest"
+                )
+                ns = {k: v for k, v in ns.items() if k != "path"}
+            namespaces.append(ns)
+        if "namespaces" in linux:
+            linux["namespaces"] = namespaces
+
+        # cgroups
+        new_cg = guest_cgroups_path(sandbox_id, container_id)
+        old_cg = linux.get("cgroupsPath")
+        if old_cg != new_cg:
+            style = " (systemd style)" if old_cg and ":" in old_cg and not old_cg.startswith("/") else ""
+            adj.append(f"linux.cgroupsPath {old_cg!r}{style} -> {new_cg!r}")
+        linux["cgroupsPath"] = new_cg
+
+        if linux.pop("mountLabel", None) is not None:
+            adj.append("dropped linux.mountLabel (no SELinux in the guest)")
+
+    process = out.get("process")
+    if isinstance(process, dict):
+        for key, why in (
+            ("apparmorProfile", "no AppArmor in the guest"),
+            ("selinuxLabel", "no SELinux in the guest"),
+        ):
+            value = process.pop(key, None)
+            if value is not None:
+                adj.append(f"dropped process.{key} {value!r} ({why})")
+
+    hooks = out.pop("hooks", None)
+    if hooks:
+        kinds = ", ".join(f"{k}: {len(v)}" for k, v in hooks.items() if v)
+        adj.append(f"dropped hooks ({kinds}): they name host paths")
+
+    log.debug("spec rewritten for the guest", container_id=container_id, adjustments=adj)
+    return GuestSpec(out, adj)
+
+
+__all__ = [
+    "CONTAINER_TYPE_ANNOTATION",
+    "GUEST_CGROUP_ROOT",
+    "GuestSpec",
+    "guest_cgroups_path",
+    "is_cri",
+    "rewrite_spec",
+]
