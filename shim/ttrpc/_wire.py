@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Iterable, Mapping, Sequence
 
 from shim._pb.ttrpc import request_pb2
@@ -42,3 +44,26 @@ def error_response(code: int, message: str) -> bytes:
 def ok_response(payload: bytes) -> bytes:
     """A serialized successful ``Response``: no ``status`` field at all, like the Go server."""
     return request_pb2.Response(payload=payload).SerializeToString()
+
+
+CLOSE_GRACE = 5.0
+"""Seconds a closing connection may spend flushing what is buffered before it is aborted."""
+
+
+async def close_writer(writer: asyncio.StreamWriter, grace: float | None = None) -> None:
+    """Close ``writer``, letting buffered bytes drain for at most ``grace`` seconds (default
+    ``CLOSE_GRACE``), then abort.
+
+    A peer that stops reading must not be able to hang a close forever. Never raises (except
+    ``CancelledError``).
+    """
+    writer.close()
+    try:
+        async with asyncio.timeout(CLOSE_GRACE if grace is None else grace):
+            await writer.wait_closed()
+    except TimeoutError:
+        writer.transport.abort()
+    except (OSError, RuntimeError):
+        pass  # the peer is gone already; nothing left to flush
+    with contextlib.suppress(OSError, RuntimeError):
+        await writer.wait_closed()

@@ -18,7 +18,7 @@ from google.protobuf.message import DecodeError, Message
 from shim._pb.ttrpc import request_pb2
 from shim.errors import DeadlineExceeded, Internal, ResourceExhausted, Unavailable, from_status
 from shim.log import get_logger
-from shim.ttrpc._wire import READ_CHUNK, metadata_to_wire
+from shim.ttrpc._wire import READ_CHUNK, close_writer, metadata_to_wire
 from shim.ttrpc.codec import (
     MAX_MESSAGE_SIZE,
     MAX_STREAM_ID,
@@ -168,10 +168,7 @@ class Client:
         if not self._read_task.done():
             self._read_task.cancel()
         await asyncio.wait({self._read_task})
-        try:
-            await self._writer.wait_closed()
-        except (OSError, RuntimeError):
-            pass  # already broken; nothing to flush
+        await close_writer(self._writer)
 
     # -- internals ---------------------------------------------------------------------------------
 

@@ -34,7 +34,7 @@ from google.protobuf.message import DecodeError, Message
 from shim._pb.ttrpc import request_pb2
 from shim.errors import AlreadyExists, Code, ShimError, to_status
 from shim.log import get_logger
-from shim.ttrpc._wire import READ_CHUNK, error_response, metadata_from_wire, ok_response
+from shim.ttrpc._wire import READ_CHUNK, close_writer, error_response, metadata_from_wire, ok_response
 from shim.ttrpc.codec import (
     MAX_MESSAGE_SIZE,
     Frame,
@@ -239,12 +239,10 @@ class _Connection:
             t.cancel()
         if tasks:
             await asyncio.wait(tasks)
-        self._writer.close()
         try:
-            await self._writer.wait_closed()
-        except (OSError, RuntimeError):
-            pass  # the peer is gone already; nothing left to flush
-        self.done.set()
+            await close_writer(self._writer)
+        finally:
+            self.done.set()
 
     async def _read_loop(self) -> None:
         while True:

@@ -15,6 +15,7 @@ from shim import errors
 from shim._pb.ttrpc.request_pb2 import KeyValue, Request, Response, StringList
 from shim.errors import Code
 from shim.ttrpc import CallContext, Client, Frame, FrameDecoder, FrameType, Server, encode_frame
+from shim.ttrpc import _wire as wire_mod
 from shim.ttrpc import server as server_mod
 from shim.ttrpc.codec import MAX_MESSAGE_SIZE
 
@@ -580,3 +581,16 @@ async def test_cancelling_serve_stream_cancels_its_handlers(server: Server, reco
     with pytest.raises(errors.Unavailable):
         await asyncio.wait_for(call, 5)
     await client.close()
+
+
+async def test_close_does_not_hang_on_a_peer_that_never_reads(
+    server: Server, raw: RawConn, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(wire_mod, "CLOSE_GRACE", 0.5)
+    big = KeyValue(value=str(MAX_MESSAGE_SIZE - 64)).SerializeToString()
+    for i in range(8):  # ~32 MiB of responses that nobody reads
+        await raw.request(1 + 2 * i, SERVICE, "Big", big)
+    await asyncio.sleep(0.5)
+    async with asyncio.timeout(15):
+        await server.close()
+    assert server._connections == set()
