@@ -252,7 +252,8 @@ async def boot_floor(t: ProbeTarget, *, accel: str, timeout: float) -> tuple[boo
         return (
             False,
             time.monotonic() - t0,
-            f"QEMU -accel {accel} exited with {rc} before the guest booted: {tail}",
+            f"QEMU -accel {accel} {'was killed by signal ' + str(-rc) if rc < 0 else f'exited with code {rc}'} "
+            f"before the guest booted: {tail}",
         )
     except TimeoutError:
         return (
