@@ -208,8 +208,8 @@ def stats_any(s: ContainerStats, *, cgroup_v2: bool | None = None) -> any_pb2.An
             total_inactive_file=s.memory_inactive_file,
             total_rss=s.memory_anon,
             total_cache=s.memory_file,
-            total_pgfault=s.pgfault,
-            total_pgmajfault=s.pgmajfault,
+            total_pg_fault=s.pgfault,
+            total_pg_maj_fault=s.pgmajfault,
         ),
     )
     return any_pb2.Any(type_url="io.containerd.cgroups.v1.Metrics", value=m1.SerializeToString())
