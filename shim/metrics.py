@@ -572,6 +572,8 @@ class ShimMetrics:
             ["reason"],
             registry=r,
         )
+        for reason in ("timeout", "error"):
+            self.guest_stats_failures.labels(reason)
         r.register(_ShimProcessCollector(proc))
         r.register(_HypervisorCollector(self._ref, proc))
         r.register(_MemoryCollector(self._ref))

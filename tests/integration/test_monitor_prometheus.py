@@ -217,6 +217,13 @@ async def test_prometheus_sees_per_sandbox_series_and_a_memory_hot_add():
             assert float(stack.query("pyvm_monitor_running_shims")[0]["value"][1]) == 3
             assert float(stack.query("sum(pyvm_monitor_scrape_failures_total)")[0]["value"][1]) == 0
 
+            # the Grafana dashboard's queries are valid PromQL over these series
+            dashboard = json.loads((REPO / "deploy" / "grafana" / "pyvm-dashboard.json").read_text())
+            for panel in dashboard["panels"]:
+                for t in panel.get("targets", []):
+                    expr = t["expr"].replace("$namespace", ".*").replace("$pod", ".*")
+                    stack.query(expr.replace("$__rate_interval", "1m"))  # asserts status == success
+
             # 2. a memory hot-add on one sandbox shows in the hotplug counter and the guest gauge
             target = pods[1]
             before = target.source.guest_mem_total()

@@ -71,7 +71,7 @@ def test_no_source_means_no_sandbox_metrics():
     m = ShimMetrics()
     got = names(m)
     assert not any(
-        n.startswith(("pyvm_hypervisor_info", "pyvm_memory_configured", "pyvm_guest_")) for n in got
+        n.startswith(("pyvm_hypervisor_info", "pyvm_memory_configured", "pyvm_guest_meminfo")) for n in got
     )
     assert "pyvm_pod_overhead_memory_bytes" not in got
 
