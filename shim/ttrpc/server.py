@@ -15,7 +15,8 @@ Error mapping (the one place it happens, after the interceptor):
 - an undecodable Request envelope -> the connection is closed;
 - frames of other types (Data, unknown) are ignored: this server is unary only.
 
-``asyncio.CancelledError`` is never swallowed: handlers cancelled by ``close()`` send nothing.
+When the peer closes (EOF), its in-flight handlers are cancelled, as in Go ttrpc: nobody is left
+to read their answers. ``asyncio.CancelledError`` is never swallowed: cancelled handlers send nothing.
 """
 
 from __future__ import annotations

@@ -248,15 +248,23 @@ async def test_structured_frames_get_exactly_the_right_answers(
         script += struct.pack(">IIBB", 50, sid, FrameType.REQUEST, 0) + b"\x0a"
 
     reader, writer = await asyncio.open_unix_connection(sock_path)
+    decoder = FrameDecoder()
+    frames: list[Frame] = []
     try:
         writer.write(bytes(script))
         await writer.drain()
-        writer.write_eof()
         async with asyncio.timeout(20):
-            _, raw = await _drain(reader)
+            # Collect every expected answer before half-closing: like Go ttrpc, the server cancels
+            # what is still running when the client goes away.
+            while len(frames) < len(expected) and (data := await reader.read(65536)):
+                frames += decoder.feed(data)
+            if not writer.is_closing():
+                writer.write_eof()
+            _, rest = await _drain(reader)
+            frames += decoder.feed(rest)
     finally:
         writer.close()
-    answers = {f.stream_id: Response.FromString(f.data) for f in FrameDecoder().feed(raw)}
+    answers = {f.stream_id: Response.FromString(f.data) for f in frames}
     assert {s: r.status.code for s, r in answers.items()} == expected
     for s, r in answers.items():
         if expected[s] == Code.OK:

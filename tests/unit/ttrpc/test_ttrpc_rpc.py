@@ -594,3 +594,10 @@ async def test_close_does_not_hang_on_a_peer_that_never_reads(
     async with asyncio.timeout(15):
         await server.close()
     assert server._connections == set()
+
+
+async def test_peer_going_away_cancels_its_in_flight_handlers(raw: RawConn, recorder: Recorder) -> None:
+    await raw.request(1, SERVICE, "Sleep", KeyValue(key="gone", value="60").SerializeToString())
+    await recorder.until(lambda: "gone" in recorder.started)
+    await raw.close()
+    await recorder.until(lambda: "gone" in recorder.cancelled)
