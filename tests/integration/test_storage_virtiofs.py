@@ -42,8 +42,15 @@ class Virtiofsd:
                 "virtiofsd did not create its socket"
             )
             time.sleep(0.05)
-        self.conn = socket.socket(socket.AF_UNIX)
-        self.conn.connect(str(sock))
+        while True:  # the socket file appears before virtiofsd listens on it
+            self.conn = socket.socket(socket.AF_UNIX)
+            try:
+                self.conn.connect(str(sock))
+                break
+            except ConnectionRefusedError:
+                self.conn.close()
+                assert time.monotonic() < deadline, "virtiofsd refused the vhost-user connection"
+                time.sleep(0.05)
         self.pid = self._sandboxed_child(deadline)
 
     def _sandboxed_child(self, deadline: float) -> int:
