@@ -12,7 +12,7 @@ APT_PACKAGES=(
   containernetworking-plugins prometheus
   debootstrap busybox-static cpio zstd e2fsprogs kmod
   qemu-user-static binfmt-support
-  golang-github-containerd-containerd-dev
+  golang-github-containerd-containerd-dev golang-github-gogo-protobuf-dev golang-github-containerd-cgroups-dev
   iproute2 socat procps python3-venv
 )
 
