@@ -7,7 +7,6 @@ Written atomically (temp file + rename) by the daemon whenever its set of contai
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -51,8 +50,8 @@ def load(sdir: SandboxDir) -> SandboxRecord | None:
         return None
 
 
-def process_start_time(pid: int) -> int | None:
-    """Start time of ``pid`` in clock ticks since boot, or ``None`` if there is no such process."""
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state letter, start time in clock ticks) of ``pid``, or ``None`` if there is no such pid."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
@@ -60,14 +59,25 @@ def process_start_time(pid: int) -> int | None:
         return None
     # comm (field 2) may contain spaces and parentheses: split after the last ')'.
     fields = stat[stat.rindex(b")") + 2 :].split()
-    with contextlib.suppress(IndexError, ValueError):
-        return int(fields[19])  # field 22 overall; fields[0] is field 3
-    return None
+    try:
+        return fields[0].decode(), int(fields[19])  # fields 3 and 22 overall
+    except (IndexError, ValueError):
+        return None
+
+
+def process_start_time(pid: int) -> int | None:
+    """Start time of ``pid`` in clock ticks since boot, or ``None`` if there is no such process."""
+    st = _stat(pid)
+    return st[1] if st is not None else None
 
 
 def daemon_alive(record: SandboxRecord) -> bool:
-    """True if the shim daemon that wrote ``record`` is still running."""
-    return record.shim_pid > 0 and process_start_time(record.shim_pid) == record.shim_start_time
+    """True if the shim daemon that wrote ``record`` is still running. A zombie is dead: a SIGKILLed
+    shim stays one until containerd (its subreaper) reaps it, which may be after ``delete`` runs."""
+    if record.shim_pid <= 0:
+        return False
+    st = _stat(record.shim_pid)
+    return st is not None and st[1] == record.shim_start_time and st[0] not in ("Z", "X")
 
 
 __all__ = ["FORMAT_VERSION", "SandboxRecord", "daemon_alive", "load", "process_start_time", "save"]
