@@ -6,6 +6,7 @@ build hash and the manifest name exactly what went in.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 from dataclasses import dataclass
@@ -95,6 +96,20 @@ def candidates(names: list[str], arch: Arch) -> dict[str, tuple[Package, dict[st
     return result
 
 
+def lists_stamp() -> str:
+    """Changes whenever apt's view of the archive may have changed (``apt-get update``, sources, pins)."""
+    h = hashlib.sha256()
+    for d in (Path("/var/lib/apt/lists"), Path("/etc/apt/sources.list.d"), Path("/etc/apt/preferences.d")):
+        if d.is_dir():
+            for p in sorted(d.iterdir()):
+                st = p.stat()
+                h.update(f"{p}:{st.st_mtime_ns}:{st.st_size}\n".encode())
+    for f in (Path("/etc/apt/sources.list"), Path("/var/lib/dpkg/arch")):
+        if f.exists():
+            h.update(f"{f}:{f.stat().st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
 def candidate(name: str, arch: Arch) -> tuple[Package, dict[str, str]]:
     return candidates([name], arch)[name]
 
@@ -102,12 +117,19 @@ def candidate(name: str, arch: Arch) -> tuple[Package, dict[str, str]]:
 def resolve_kernel(arch: Arch) -> Package:
     """The concrete ``linux-image-<abi>-cloud-<arch>`` package the cloud metapackage pins."""
     _, fields = candidate(arch.kernel_meta, arch)
-    first = fields.get("Depends", "").split(",")[0].split("|")[0].strip()
+    pkg, _ = candidate(kernel_package_name(fields), arch)
+    return pkg
+
+
+def kernel_package_name(meta_fields: dict[str, str]) -> str:
+    """The concrete image package from the metapackage's first Depends entry."""
+    first = meta_fields.get("Depends", "").split(",")[0].split("|")[0].strip()
     name = first.split(" ")[0].split(":")[0]
     if not name.startswith("linux-image-"):
-        raise FailedPrecondition(f"cannot read the kernel package from {arch.kernel_meta} Depends: {first!r}")
-    pkg, _ = candidate(name, arch)
-    return pkg
+        raise FailedPrecondition(
+            f"cannot read the kernel package from the cloud metapackage Depends: {first!r}"
+        )
+    return name
 
 
 def download(pkg: Package, arch: Arch, cache: Path) -> Path:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import compileall
 import datetime
+import fcntl
 import hashlib
 import io
 import json
@@ -26,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from shim import paths
-from shim.errors import FailedPrecondition
+from shim.errors import FailedPrecondition, InvalidArgument
 from shim.guestimage import apt, guest_init, initramfs, kernel, rootfs
 from shim.guestimage.arch import Arch
 from shim.guestimage.proc import need_tool, run
@@ -212,15 +213,45 @@ def make_ext4(staging: Path, out: Path, uuid_seed: str) -> None:
     )  # fmt: skip
 
 
+def resolve_packages(arch: Arch, cache: Path) -> tuple[apt.Package, apt.Package, list[apt.Package]]:
+    """(kernel, busybox-static, base-layer pins): apt candidates, memoised until apt's lists change."""
+    stamp = apt.lists_stamp()
+    memo = cache / f"resolved-{arch.name}.json"
+    try:
+        data = json.loads(memo.read_text())
+        if data["stamp"] == stamp and data["include"] == list(rootfs.INCLUDE):
+            return (
+                apt.Package(**data["kernel"]),
+                apt.Package(**data["busybox"]),
+                [apt.Package(**p) for p in data["pins"]],
+            )
+    except (FileNotFoundError, KeyError, TypeError, ValueError):
+        pass
+    apt.ensure_arch(arch)
+    kpkg = apt.resolve_kernel(arch)
+    found = apt.candidates(["busybox-static", *rootfs.INCLUDE], arch)
+    bpkg = found["busybox-static"][0]
+    pins = [found[n][0] for n in rootfs.INCLUDE]
+    if apt.lists_stamp() == stamp:  # no apt-get update ran meanwhile
+        cache.mkdir(parents=True, exist_ok=True)
+        doc = {
+            "stamp": stamp,
+            "include": list(rootfs.INCLUDE),
+            "kernel": asdict(kpkg),
+            "busybox": asdict(bpkg),
+        }
+        doc["pins"] = [asdict(p) for p in pins]
+        tmp = memo.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc))
+        tmp.rename(memo)
+    return kpkg, bpkg, pins
+
+
 def resolve(arch: Arch, layout: str, progress: Progress) -> tuple[Inputs, dict]:
     """Pin every input (apt candidates, wheels, sources) and compute the build hash."""
     cache = build_cache()
     with progress.step("resolving pinned versions (apt)"):
-        apt.ensure_arch(arch)
-        kpkg = apt.resolve_kernel(arch)
-        found = apt.candidates(["busybox-static", *rootfs.INCLUDE], arch)
-        bpkg = found["busybox-static"][0]
-        pins = [found[n][0] for n in rootfs.INCLUDE]
+        kpkg, bpkg, pins = resolve_packages(arch, cache)
     wheels = fetch_wheels(cache / "wheels", progress)
     files = agent_files()
     inputs = Inputs(
@@ -239,9 +270,22 @@ def resolve(arch: Arch, layout: str, progress: Progress) -> tuple[Inputs, dict]:
 def build(arch: Arch, *, layout: str = DEFAULT_LAYOUT, force: bool = False) -> Path:
     """Build and install the guest for ``arch``; return the installed directory.
 
+    One build per architecture at a time (a lock under the cache); a second one waits, then finds
+    the image up to date.
+
     :raises FailedPrecondition: a host tool or package is missing (the message says which).
     :raises Internal: a build step failed (the message has the command and its output tail).
     """
+    if layout not in LAYOUTS:
+        raise InvalidArgument(f"unknown guest layout {layout!r} (known: {', '.join(LAYOUTS)})")
+    lock_path = build_cache() / f"{arch.name}.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _build_locked(arch, layout, force)
+
+
+def _build_locked(arch: Arch, layout: str, force: bool) -> Path:
     progress = Progress(f"guest {arch.name}")
     t0 = time.monotonic()
     inputs, pinned = resolve(arch, layout, progress)
@@ -340,10 +384,12 @@ def build(arch: Arch, *, layout: str = DEFAULT_LAYOUT, force: bool = False) -> P
         }
         (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         with progress.step("installing"):
+            previous = os.path.basename(os.path.realpath(current)) if current.is_symlink() else None
             if final.exists():
                 shutil.rmtree(final)
             out.rename(final)
             _point_current(arch_root, h)
+            _prune(arch_root, keep={h, previous})
     finally:
         shutil.rmtree(work, ignore_errors=True)
     sizes = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in manifest["files"].items())
@@ -357,6 +403,13 @@ def _point_current(arch_root: Path, h: str) -> None:
         tmp.unlink()
     tmp.symlink_to(h)
     os.replace(tmp, arch_root / "current")
+
+
+def _prune(arch_root: Path, keep: set[str | None]) -> None:
+    """Drop installed images other than ``keep`` (the new one and the one a running VM may still use)."""
+    for d in arch_root.iterdir():
+        if d.name not in keep and not d.name.startswith(".") and d.is_dir() and not d.is_symlink():
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def read_manifest(arch: Arch) -> dict | None:

@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from shim.guestimage import builder, rootfs
+from shim.guestimage.apt import Package
+from shim.guestimage.arch import ARCHES
+
+
+def _inputs(**changes: object) -> builder.Inputs:
+    base = builder.Inputs(
+        arch="x86_64",
+        layout="disk",
+        kernel="linux-image-6.1.0-56-cloud-amd64=6.1.192-2",
+        busybox="busybox-static=1:1.35.0-4+deb12u1+b1",
+        base_key="5cf1a8688112f221",
+        wheels={"protobuf-6.33.6-py3-none-any.whl": "aa", "structlog-26.1.0-py3-none-any.whl": "bb"},
+        agent_digest="cc",
+        builder_digest="dd",
+    )
+    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+
+
+def test_hash_is_stable() -> None:
+    assert _inputs().hash() == _inputs().hash()
+    assert len(_inputs().hash()) == 16
+
+
+def test_every_input_changes_the_hash() -> None:
+    h = _inputs().hash()
+    for change in (
+        {"arch": "aarch64"},
+        {"layout": "initramfs"},
+        {"kernel": "linux-image-6.1.0-57-cloud-amd64=6.1.200-1"},
+        {"busybox": "busybox-static=1:1.36"},
+        {"base_key": "0000000000000000"},
+        {"wheels": {"protobuf-6.33.7-py3-none-any.whl": "aa"}},
+        {"agent_digest": "cd"},
+        {"builder_digest": "de"},
+        {"builder_version": builder.BUILDER_VERSION + 1},
+    ):
+        assert _inputs(**change).hash() != h, change
+
+
+def test_agent_source_digest_follows_file_contents(tmp_path: Path) -> None:
+    (tmp_path / "shim" / "guestagent").mkdir(parents=True)
+    (tmp_path / "shim" / "__init__.py").write_text("")
+    agent = tmp_path / "shim" / "guestagent" / "server.py"
+    agent.write_text("x = 1\n")
+    files = builder.agent_files(tmp_path)
+    assert sorted(files) == ["shim/__init__.py", "shim/guestagent/server.py"]
+    before = builder.digest_files(files)
+    agent.write_text("x = 2\n")
+    assert builder.digest_files(builder.agent_files(tmp_path)) != before
+    (tmp_path / "shim" / "guestagent" / "__pycache__").mkdir()
+    (tmp_path / "shim" / "guestagent" / "__pycache__" / "server.cpython-311.pyc").write_bytes(b"x")
+    assert sorted(builder.agent_files(tmp_path)) == ["shim/__init__.py", "shim/guestagent/server.py"]
+
+
+def test_base_layer_key_ignores_agent_code_but_follows_package_pins() -> None:
+    arch = ARCHES["x86_64"]
+    pins = [Package("python3", "3.11.2-1+b1", "amd64"), Package("crun", "1.8.1-1+deb12u1", "amd64")]
+    key = rootfs.base_key(arch, pins)
+    assert rootfs.base_key(arch, list(reversed(pins))) == key
+    assert rootfs.base_key(arch, [pins[0], Package("crun", "1.8.1-2", "amd64")]) != key
+    assert rootfs.base_key(ARCHES["aarch64"], pins) != key
