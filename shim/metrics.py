@@ -265,7 +265,9 @@ class _HypervisorCollector(Collector):
         self._proc = proc
 
     @staticmethod
-    def _families() -> tuple[Metric, ...]:
+    def _families() -> tuple[
+        GaugeMetricFamily, CounterMetricFamily, GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily
+    ]:
         return (
             GaugeMetricFamily(
                 "pyvm_hypervisor_info",
@@ -354,7 +356,9 @@ class _GuestCollector(Collector):
         self._owner = owner
 
     @staticmethod
-    def _families() -> tuple[Metric, ...]:
+    def _families() -> tuple[
+        GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily, CounterMetricFamily
+    ]:
         return (
             GaugeMetricFamily(
                 "pyvm_guest_meminfo_bytes",
@@ -394,8 +398,8 @@ class _GuestCollector(Collector):
             if value is not None:
                 meminfo.add_metric([name], value)
         if stats.load is not None:
-            for period, value in zip(("1m", "5m", "15m"), stats.load, strict=True):
-                load.add_metric([period], value)
+            for period, avg in zip(("1m", "5m", "15m"), stats.load, strict=True):
+                load.add_metric([period], avg)
         for c in stats.containers:
             mem_usage.add_metric([c.container_id], c.memory_usage_bytes)
             cpu.add_metric([c.container_id], c.cpu_seconds)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,10 +25,8 @@ def promtool_check(text: bytes) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture
-def run_root(tmp_path: Path) -> Path:
-    # unix socket paths must stay under 108 bytes: tmp_path can be long, so use a short dir
-    import tempfile
-
+def run_root() -> Iterator[Path]:
+    # unix socket paths must stay under 108 bytes and tmp_path can be long: use a short dir
     d = Path(tempfile.mkdtemp(prefix="pyvm-m-", dir="/tmp"))
     yield d
     shutil.rmtree(d, ignore_errors=True)
