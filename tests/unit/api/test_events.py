@@ -5,9 +5,13 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import tempfile
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+
+import pytest
 
 from shim.api.events import EventPublisher
 from shim.api.translate import event_any
@@ -31,8 +35,20 @@ async def until(pred, within: float = 3.0) -> None:  # type: ignore[no-untyped-d
             await asyncio.sleep(0.01)
 
 
+_DIRS: list[Path] = []
+
+
 def sock_dir() -> Path:
-    return Path(tempfile.mkdtemp(prefix="pyvm-ev-", dir="/tmp"))
+    d = Path(tempfile.mkdtemp(prefix="pyvm-ev-", dir="/tmp"))  # short: unix socket path limit
+    _DIRS.append(d)
+    return d
+
+
+@pytest.fixture(autouse=True)
+def _remove_sock_dirs() -> Iterator[None]:
+    yield
+    while _DIRS:
+        shutil.rmtree(_DIRS.pop(), ignore_errors=True)
 
 
 def test_type_urls_are_bare() -> None:
