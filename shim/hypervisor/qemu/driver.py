@@ -229,20 +229,8 @@ class QemuVM:
         sd.qemu_pid.write_text(f"{self.qemu.pid}\n")
         self._watch = asyncio.create_task(self._watch_exit(), name=f"vm-watch-{sd.sandbox_id}")
         await wait_for_path(sd.qmp_sock, self.qemu, self.timeouts.qmp, what="the QMP socket")
-        self.qmp = Qmp(f"pyvm-{sd.sandbox_id}", command_timeout=self.timeouts.qmp)
-        connect = asyncio.create_task(self.qmp.connect(sd.qmp_sock, self.timeouts.qmp))
-        done, _ = await asyncio.wait({connect, self.qemu.exited}, return_when=asyncio.FIRST_COMPLETED)
-        if connect not in done:
-            connect.cancel()
-            with contextlib.suppress(BaseException):
-                await connect
-            raise launch_failure(
-                self.qemu,
-                f"QEMU {describe_status(self.qemu.returncode)} during startup",
-                console_log=sd.console_log,
-            )
+        self.qmp = await self._connect_qmp()
         try:
-            connect.result()
             status = await self.qmp.query_status()
         except ShimError as exc:
             if self.qemu.exited.done():
@@ -269,6 +257,33 @@ class QemuVM:
             self.memory = VirtioMemMemory(self.qmp, boot_mib=mib[0], max_mib=mib[1], timeout=t)
         else:
             self.memory = NoHotplug(self.qmp, boot_mib=mib[0], max_mib=mib[0], timeout=t)
+
+    async def _connect_qmp(self) -> Qmp:
+        """Connect to QMP, retrying while QEMU has bound but not yet listens on the socket."""
+        assert self.qemu is not None
+        sd = self.sdir
+        deadline = time.monotonic() + self.timeouts.qmp
+        while True:
+            qmp = Qmp(f"pyvm-{sd.sandbox_id}", command_timeout=self.timeouts.qmp)
+            connect = asyncio.create_task(qmp.connect(sd.qmp_sock, max(0.1, deadline - time.monotonic())))
+            done, _ = await asyncio.wait({connect, self.qemu.exited}, return_when=asyncio.FIRST_COMPLETED)
+            if connect not in done:
+                connect.cancel()
+                with contextlib.suppress(BaseException):
+                    await connect
+                raise launch_failure(
+                    self.qemu,
+                    f"QEMU {describe_status(self.qemu.returncode)} during startup",
+                    console_log=sd.console_log,
+                )
+            try:
+                connect.result()
+                return qmp
+            except Unavailable:
+                await qmp.close()
+                if time.monotonic() >= deadline:
+                    raise
+                await asyncio.sleep(0.02)
 
     async def _start_virtiofsd(self) -> None:
         fs, sd = self.cfg.shared_fs, self.sdir
@@ -342,7 +357,7 @@ class QemuVM:
                 await self.virtiofsd.stop(term_grace=2.0)
         if self._watch is not None and not from_watcher and not self._watch.done():
             await self._watch  # resolves `exited`
-        if not self._exited.done() and q is not None:
+        if not self._exited.done() and q is not None and not from_watcher:
             rc = q.returncode
             self._exited.set_result(
                 ExitInfo(
