@@ -27,16 +27,10 @@ under the base directory. Keep unix socket paths short (< 108 bytes): use a shor
 from __future__ import annotations
 
 import contextlib
-import gzip
-import hashlib
-import io
-import json
 import os
-import platform
 import shutil
 import signal
 import subprocess
-import tarfile
 import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -431,42 +425,6 @@ def _alive(pid: int) -> bool:
 
 # -- a registry-free busybox OCI image -------------------------------------------------------------
 
-_GOARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le", "s390x": "s390x"}
-
-
-def _sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def _busybox_layer(busybox: str) -> bytes:
-    """An uncompressed, reproducible layer tar: /bin/busybox, an applet symlink for each command,
-    the usual empty dirs and a minimal /etc/passwd and /etc/group."""
-    applets = subprocess.run([busybox, "--list"], capture_output=True, text=True, check=True).stdout.split()
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-
-        def add(name: str, kind: bytes, mode: int, data: bytes = b"", link: str = "") -> None:
-            info = tarfile.TarInfo(name)
-            info.type, info.mode, info.mtime, info.uid, info.gid = kind, mode, 0, 0, 0
-            info.linkname = link
-            info.size = len(data) if kind == tarfile.REGTYPE else 0
-            tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
-
-        for d, mode in [("bin", 0o755), ("dev", 0o755), ("etc", 0o755), ("proc", 0o555), ("root", 0o700),
-                        ("sys", 0o555), ("tmp", 0o1777), ("usr", 0o755), ("usr/bin", 0o755), ("var", 0o755)]:  # fmt: skip
-            add(d, tarfile.DIRTYPE, mode)
-        add("bin/busybox", tarfile.REGTYPE, 0o755, Path(busybox).read_bytes())
-        for applet in sorted(set(applets) - {"busybox"}):
-            add(f"bin/{applet}", tarfile.SYMTYPE, 0o777, link="busybox")
-        add(
-            "etc/passwd",
-            tarfile.REGTYPE,
-            0o644,
-            b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/:/bin/false\n",
-        )
-        add("etc/group", tarfile.REGTYPE, 0o644, b"root:x:0:\nnogroup:x:65534:\n")
-    return buf.getvalue()
-
 
 def build_busybox_image(
     tar_path: str | os.PathLike[str],
@@ -476,76 +434,18 @@ def build_busybox_image(
     cmd: Sequence[str] = ("/bin/sh",),
     arch: str | None = None,
 ) -> Path:
-    """Write an OCI image-layout tar holding one image ``ref`` built from a static ``busybox``.
+    """Write an OCI image tar holding one image ``ref`` built from a static ``busybox``; returns its path.
 
-    No registry or network: the layer, config, manifest and index are written here. The result
-    is reproducible (fixed mtimes, gzip without timestamp) and imports with
-    ``Containerd.import_image`` (``ctr images import``) under the name ``ref``. Returns the path.
+    No registry or network. The one implementation is ``hack/mkimage.py`` (also used by the CRI
+    harness and the quickstart); this keeps the older call signature.
     """
-    goarch = arch or _GOARCH.get(platform.machine(), platform.machine())
-    layer = _busybox_layer(busybox)
-    layer_gz = gzip.compress(layer, compresslevel=6, mtime=0)
-    config = {
-        "architecture": goarch,
-        "os": "linux",
-        "created": "1970-01-01T00:00:00Z",
-        "config": {
-            "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
-            "Cmd": list(cmd),
-            "WorkingDir": "/",
-        },
-        "rootfs": {"type": "layers", "diff_ids": [_sha256(layer)]},
-        "history": [{"created": "1970-01-01T00:00:00Z", "created_by": "tests/helpers/containerd.py"}],
-    }
-    config_b = json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {
-            "mediaType": "application/vnd.oci.image.config.v1+json",
-            "digest": _sha256(config_b),
-            "size": len(config_b),
-        },
-        "layers": [
-            {
-                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                "digest": _sha256(layer_gz),
-                "size": len(layer_gz),
-            }
-        ],
-    }
-    manifest_b = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
-    tag = ref.rsplit(":", 1)[1] if ":" in ref.rsplit("/", 1)[-1] else "latest"
-    index = {
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.index.v1+json",
-        "manifests": [
-            {
-                "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "digest": _sha256(manifest_b),
-                "size": len(manifest_b),
-                "platform": {"architecture": goarch, "os": "linux"},
-                "annotations": {"io.containerd.image.name": ref, "org.opencontainers.image.ref.name": tag},
-            }
-        ],
-    }
-    files: list[tuple[str, bytes]] = [
-        ("oci-layout", b'{"imageLayoutVersion":"1.0.0"}'),
-        ("index.json", json.dumps(index, sort_keys=True, separators=(",", ":")).encode()),
-    ]
-    for blob in (layer_gz, config_b, manifest_b):
-        files.append((f"blobs/sha256/{_sha256(blob).split(':')[1]}", blob))
-    out = Path(tar_path)
-    with tarfile.open(out, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for d in ("blobs", "blobs/sha256"):
-            info = tarfile.TarInfo(d)
-            info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, 0
-            tar.addfile(info)
-        for name, data in files:
-            info = tarfile.TarInfo(name)
-            info.size, info.mode, info.mtime = len(data), 0o644, 0
-            tar.addfile(info, io.BytesIO(data))
-    return out
+    from tests.helpers.cri import load_mkimage
+
+    return (
+        load_mkimage()
+        .build_image(Path(tar_path), ref, cmd=cmd, busybox=Path(busybox), architecture=arch)
+        .path
+    )
 
 
 __all__ = [
