@@ -25,12 +25,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qemu.qmp import EventListener, QMPClient  # noqa: E402
+from qemu.qmp import EventListener, QMPClient
 
-from shim import config  # noqa: E402
-from shim.hypervisor.qemu.driver import QemuVM  # noqa: E402
-from shim.paths import SandboxDir, guest_dir  # noqa: E402
-from shim.platform import accel  # noqa: E402
+from shim import config
+from shim.hypervisor.qemu.driver import QemuVM
+from shim.paths import SandboxDir, guest_dir
+from shim.platform import accel
 
 MiB = 1 << 20
 
@@ -52,9 +52,9 @@ def floor_cfg(arch: str, hotplug: str, firmware: bool) -> config.Config:
     return config.with_overrides(config.defaults(arch), **over)
 
 
-async def wait_ready(path: Path, timeout: float = 180) -> None:
+async def wait_ready(path: Path, timeout: float = 180) -> None:  # noqa: ASYNC109
     deadline = time.monotonic() + timeout
-    while b"PYVM-FLOOR-READY" not in path.read_bytes():
+    while b"PYVM-FLOOR-READY" not in path.read_bytes():  # noqa: ASYNC240
         if time.monotonic() > deadline:
             raise TimeoutError(f"floor not ready: {path}")
         await asyncio.sleep(0.01)
@@ -160,10 +160,8 @@ async def bare_run(cfg: config.Config, verdict: accel.AccelVerdict, root: Path, 
                 "qom-set",
                 {"path": "/machine/peripheral/vmem0", "property": "requested-size", "value": 512 * MiB},
             )
-            while (
-                await qmp.execute("qom-get", {"path": "/machine/peripheral/vmem0", "property": "size"})
-                != 512 * MiB
-            ):
+            size_arg = {"path": "/machine/peripheral/vmem0", "property": "size"}
+            while await qmp.execute("qom-get", size_arg) != 512 * MiB:  # noqa: ASYNC110 (QEMU has no event for it)
                 await asyncio.sleep(0.02)
         out["hotplug"] = time.monotonic() - t1
         await qmp.disconnect()
