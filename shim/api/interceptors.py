@@ -1,7 +1,8 @@
 """The one envelope around every task RPC, whatever the transport (ttrpc or gRPC).
 
 - binds ``rpc``, ``container_id`` and ``exec_id`` into the structlog context for the call;
-- measures the duration and logs one line per call (debug; errors at warning/error);
+- measures the duration and logs one line per call (debug; errors at info/error; successful polling
+  calls, ``QUIET_METHODS``, are not logged);
 - maps exceptions once: ``ShimError`` passes through (its code comes from ``shim.errors``' table),
   ``TimeoutError`` becomes ``DeadlineExceeded``, anything else becomes ``Internal`` with the traceback
   logged here and nowhere else. ``CancelledError`` is never caught.
@@ -13,10 +14,16 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import structlog
+
 from shim.errors import DeadlineExceeded, Internal, ShimError, code_of
-from shim.log import bound_contextvars, get_logger
+from shim.log import get_logger
 
 log = get_logger("shim.api.rpc")
+
+#: Read-only calls that containerd and CRI poll constantly: a success line for each would flood the
+#: log FIFO (and cost more than the call); their errors are still logged.
+QUIET_METHODS = frozenset({"State", "Stats", "Pids", "Connect"})
 
 
 async def task_interceptor(ctx: Any, request: Any, call_next: Callable[[], Awaitable[Any]]) -> Any:
@@ -27,7 +34,9 @@ async def task_interceptor(ctx: Any, request: Any, call_next: Callable[[], Await
     if getattr(request, "exec_id", ""):
         ids["exec_id"] = request.exec_id
     start = time.monotonic()
-    with bound_contextvars(rpc=ctx.method, **ids):
+    # bind/reset by token: a third of the cost of the bound_contextvars() context manager
+    tokens = structlog.contextvars.bind_contextvars(rpc=ctx.method, **ids)
+    try:
         try:
             response = await call_next()
         except ShimError as exc:
@@ -40,8 +49,11 @@ async def task_interceptor(ctx: Any, request: Any, call_next: Callable[[], Await
         except Exception as exc:
             log.exception("rpc failed unexpectedly", duration_ms=_ms(start))
             raise Internal(f"{ctx.method}: internal error: {type(exc).__name__}: {exc}") from exc
-        log.debug("rpc", duration_ms=_ms(start))
+        if ctx.method not in QUIET_METHODS:
+            log.debug("rpc", duration_ms=_ms(start))
         return response
+    finally:
+        structlog.contextvars.reset_contextvars(**tokens)
 
 
 def _ms(start: float) -> float:
