@@ -225,5 +225,7 @@ async def main() -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PYVM_LOG_LEVEL", "warning")
+    from shim.log import configure
+
+    configure(level=os.environ.get("PYVM_LOG_LEVEL", "warning"), json=False)
     sys.exit(asyncio.run(main()))
