@@ -64,11 +64,11 @@ class Monitor:
     def sandboxes(self) -> list[SandboxTarget]:
         return discover(self.run_root)
 
-    async def _scrape_one(self, target: SandboxTarget) -> ScrapeResult:
+    async def _scrape_one(self, target: SandboxTarget, time_limit: float) -> ScrapeResult:
         async with self._sem:
             t0 = time.monotonic()
             try:
-                body = await fetch_metrics(target.metrics_sock, time_limit=self.scrape_timeout)
+                body = await fetch_metrics(target.metrics_sock, time_limit=time_limit)
             except ScrapeFailure as exc:
                 return ScrapeResult(target, None, exc, time.monotonic() - t0)
             return ScrapeResult(target, body, None, time.monotonic() - t0)
@@ -77,16 +77,21 @@ class Monitor:
         self.metrics.scrape_failures.labels(reason.value).inc()
         _log.warning("shim scrape failed", sandbox_id=target.sandbox_id, reason=reason.value, error=message)
 
-    async def collect(self, family_prefixes: Sequence[str] = ()) -> bytes:
+    async def collect(self, family_prefixes: Sequence[str] = (), scraper_limit: float | None = None) -> bytes:
         """The full ``/metrics`` body. Never raises but ``CancelledError``.
 
         ``family_prefixes`` keeps only the shims' families starting with one of them (kata-monitor's
-        ``?filter_family=``); the monitor's own metrics are always included.
+        ``?filter_family=``); the monitor's own metrics are always included. ``scraper_limit`` is
+        how long our own scraper waits (Prometheus sends ``X-Prometheus-Scrape-Timeout-Seconds``):
+        shims get at most 80 % of it, so a hung shim costs its own samples, not the whole scrape.
         """
+        limit = self.scrape_timeout
+        if scraper_limit is not None and scraper_limit > 0:
+            limit = min(limit, max(0.1, scraper_limit * 0.8))
         targets = self.sandboxes()
         self.metrics.scrapes.inc()
         self.metrics.running_shims.set(len(targets))
-        results = await asyncio.gather(*(self._scrape_one(t) for t in targets))
+        results = await asyncio.gather(*(self._scrape_one(t, limit) for t in targets))
         merger = Merger(family_prefixes)
         for res in results:
             self.metrics.scrape_duration.observe(res.seconds)
@@ -114,7 +119,11 @@ class Monitor:
             head_only = req.method == "HEAD"
             if req.path == "/metrics":
                 prefixes = [p for v in req.query.get("filter_family", []) for p in v.split(",") if p]
-                body = await self.collect(prefixes)
+                try:
+                    scraper_limit = float(req.headers.get("x-prometheus-scrape-timeout-seconds", ""))
+                except ValueError:
+                    scraper_limit = None
+                body = await self.collect(prefixes, scraper_limit)
                 headers = {}
                 if len(body) >= GZIP_MIN_BYTES and "gzip" in req.headers.get("accept-encoding", ""):
                     body = gzip.compress(body, compresslevel=1)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
+import subprocess
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -210,3 +212,13 @@ class HungSocket:
 def sandbox_id(n: int) -> str:
     """A 64-hex-digit id like containerd's."""
     return (f"{n:04x}" + uuid.uuid5(uuid.NAMESPACE_OID, str(n)).hex * 2)[:64]
+
+
+def promtool_check(text: bytes) -> subprocess.CompletedProcess[str]:
+    """``promtool check metrics`` on ``text`` (exit 0 and no lint output expected)."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        raise AssertionError("promtool missing: install Debian's 'prometheus' package (hack/setup.sh does)")
+    return subprocess.run(
+        [promtool, "check", "metrics"], input=text.decode(), capture_output=True, text=True, timeout=60
+    )

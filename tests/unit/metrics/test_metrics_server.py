@@ -6,8 +6,7 @@ import asyncio
 import stat
 import time
 
-from conftest import promtool_check
-from metrics_fakes import FakeSandboxSource, populate_running_pod
+from metrics_fakes import FakeSandboxSource, populate_running_pod, promtool_check
 
 from shim.metrics import ShimMetrics
 from shim.metrics_server import serve_metrics

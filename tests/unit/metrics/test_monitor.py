@@ -8,11 +8,11 @@ import json
 import time
 
 import pytest
-from conftest import promtool_check
 from metrics_fakes import (
     FakeSandboxSource,
     HungSocket,
     cri_annotations,
+    promtool_check,
     sandbox_id,
     start_fake_sandbox,
 )
@@ -216,6 +216,23 @@ async def test_hung_shim_is_timed_out_and_counted(run_root):
     assert fams["pyvm_monitor_running_shims"][0].value == 3
     assert {m["sandbox_id"] for m in series(body, "pyvm_memory_configured_bytes")} == {"good"}
     assert fams["pyvm_monitor_scrape_duration_seconds"][-2].value == 3  # _count: every attempt timed
+
+
+async def test_prometheus_scrape_timeout_header_bounds_the_fan_out(run_root):
+    hung = await HungSocket().start(run_root / "sbs" / "hung" / "metrics.sock")
+    monitor = Monitor(run_root, scrape_timeout=30)
+    server = await monitor.start("127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        t0 = time.monotonic()
+        head, body = await http_get(port, "/metrics", "X-Prometheus-Scrape-Timeout-Seconds: 0.5\r\n")
+        assert time.monotonic() - t0 < 2
+        assert head.startswith(b"HTTP/1.1 200")
+        assert b'pyvm_monitor_scrape_failures_total{reason="timeout"} 1.0' in body
+    finally:
+        server.close()
+        await server.wait_closed()
+        await hung.close()
 
 
 async def test_many_hung_shims_are_scraped_concurrently(run_root):
