@@ -1,0 +1,212 @@
+"""Helpers for end-to-end tests that run pyvm VMs under a real containerd.
+
+What they share: where the shim binary is, whether this host can boot a guest at all, a pyvm
+configuration file for a test (memory sizes, hot-plug mechanism), and the leftover checks that
+prove a sandbox was cleaned up: no QEMU/virtiofsd/shim process, no mount, no shim socket, no
+sandbox directory.
+
+Tests point the shim's runtime root at a temp dir (``PYVM_RUN_ROOT`` in containerd's environment,
+inherited by the shims), so every QEMU and virtiofsd of a test mentions that dir on its command line
+(``<run_root>/sbs/<sandbox-id>/...``) and can be found without guessing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from shim import paths
+
+VENV_BIN = Path(sys.executable).parent
+SHIM_NAME = "containerd-shim-pyvm-v2"
+SHIM = VENV_BIN / SHIM_NAME
+RUNTIME = "io.containerd.pyvm.v2"
+GUEST = paths.guest_dir("x86_64")
+QEMU = Path("/usr/bin/qemu-system-x86_64")
+VIRTIOFSD = Path("/usr/lib/qemu/virtiofsd")
+SHIM_SOCKET_DIR = Path("/run/containerd/s")
+
+
+def vm_skip_reason() -> str | None:
+    """Why this host cannot boot a pyvm guest under containerd (None if it can)."""
+    if os.geteuid() != 0:
+        return "needs root"
+    for f in (SHIM, QEMU, VIRTIOFSD, GUEST / "vmlinuz", GUEST / "initrd.img"):
+        if not f.exists():
+            return f"{f} is missing (run hack/setup.sh / pyvm guest build)"
+    if shutil.which("containerd") is None:
+        return "containerd is not installed"
+    return None
+
+
+def write_config(path: Path, **hypervisor: object) -> Path:
+    """A pyvm configuration file overriding ``[hypervisor]`` keys (the rest are the defaults)."""
+    lines = ["[hypervisor]"]
+    for k, v in hypervisor.items():
+        if isinstance(v, str):
+            lines.append(f'{k} = "{v}"')
+        else:
+            lines.append(f"{k} = {v}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def wait_for(pred: Callable[[], object], timeout: float, what: str, interval: float = 0.2) -> object:
+    """Poll ``pred`` until it returns something truthy; returns it. AssertionError on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def cmdlines() -> list[tuple[int, list[str]]]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            raw = Path(f"/proc/{entry}/cmdline").read_bytes()
+            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state == "Z" or not raw:
+            continue
+        out.append((int(entry), [a.decode(errors="replace") for a in raw.split(b"\0") if a]))
+    return out
+
+
+def pids_mentioning(needle: str, *, exe: str = "") -> list[int]:
+    """Live processes whose argv mentions ``needle`` (and whose argv[0] ends with ``exe``)."""
+    me = os.getpid()
+    return sorted(
+        pid
+        for pid, argv in cmdlines()
+        if pid != me and any(needle in a for a in argv) and (not exe or argv[0].endswith(exe))
+    )
+
+
+def qemu_pids(run_root: Path, sandbox_id: str = "") -> list[int]:
+    needle = str(run_root / "sbs" / sandbox_id) if sandbox_id else str(run_root)
+    return pids_mentioning(needle, exe=QEMU.name)
+
+
+def virtiofsd_pids(run_root: Path, sandbox_id: str = "") -> list[int]:
+    needle = str(run_root / "sbs" / sandbox_id) if sandbox_id else str(run_root)
+    return pids_mentioning(needle, exe="virtiofsd")
+
+
+def shim_pids(containerd_address: str) -> list[int]:
+    """pyvm shim processes serving the containerd at ``containerd_address``."""
+    return sorted(
+        pid
+        for pid, argv in cmdlines()
+        if any(SHIM_NAME in a for a in argv[:2]) and containerd_address in argv
+    )
+
+
+def shim_socket(containerd_address: str, namespace: str, sandbox_id: str) -> Path:
+    """The shim socket containerd 1.6/1.7 and our ``start`` derive for a sandbox."""
+    joined = os.path.normpath(os.path.join(containerd_address, namespace, sandbox_id))
+    return SHIM_SOCKET_DIR / hashlib.sha256(joined.encode()).hexdigest()
+
+
+def _unescape(field: str) -> str:
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def mounts_under(path: Path | str) -> list[str]:
+    prefix = str(path).rstrip("/")
+    with open("/proc/self/mountinfo") as f:
+        points = [_unescape(line.split()[4]) for line in f]
+    return [m for m in points if m == prefix or m.startswith(prefix + "/")]
+
+
+def sandbox_leftovers(
+    run_root: Path,
+    sandbox_id: str,
+    *,
+    containerd_address: str,
+    namespace: str,
+    bundles: Iterable[Path] = (),
+    check_shim: bool = True,
+) -> list[str]:
+    """What one sandbox left behind: processes, mounts, its socket, its directories."""
+    found = [f"qemu pid {p}" for p in qemu_pids(run_root, sandbox_id)]
+    found += [f"virtiofsd pid {p}" for p in virtiofsd_pids(run_root, sandbox_id)]
+    if check_shim:
+        sock = shim_socket(containerd_address, namespace, sandbox_id)
+        found += [f"shim pid {p}" for p in pids_mentioning(sandbox_id, exe=SHIM_NAME)]
+        if sock.exists():
+            found.append(f"shim socket {sock}")
+    sdir = run_root / "sbs" / sandbox_id
+    found += [f"mount {m}" for m in mounts_under(sdir)]
+    if sdir.exists():
+        found.append(f"dir {sdir}: {sorted(p.name for p in sdir.iterdir())}")
+    for b in bundles:
+        found += [f"mount {m}" for m in mounts_under(b)]
+        if b.exists():
+            found.append(f"bundle {b}")
+    return found
+
+
+def wait_clean(timeout: float, **kwargs: object) -> None:
+    """Wait until :func:`sandbox_leftovers` is empty; AssertionError naming what is left."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = sandbox_leftovers(**kwargs)  # type: ignore[arg-type]
+        if not left:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"left behind after {timeout}s: {left}")
+        time.sleep(0.3)
+
+
+def host_boot_id() -> str:
+    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+
+
+def meminfo_kib(text: str, key: str = "MemTotal") -> int:
+    for line in text.splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise ValueError(f"{key} not in meminfo: {text[:200]!r}")
+
+
+__all__ = [
+    "GUEST",
+    "QEMU",
+    "RUNTIME",
+    "SHIM",
+    "SHIM_NAME",
+    "VENV_BIN",
+    "host_boot_id",
+    "meminfo_kib",
+    "mounts_under",
+    "pids_mentioning",
+    "qemu_pids",
+    "sandbox_leftovers",
+    "shim_pids",
+    "shim_socket",
+    "virtiofsd_pids",
+    "vm_skip_reason",
+    "wait_clean",
+    "wait_for",
+    "write_config",
+]
