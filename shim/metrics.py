@@ -27,6 +27,8 @@ How the shim feeds it (one ``ShimMetrics`` per shim process, its own ``Collector
     metrics.hotplug_failed("grow", "acpi", reason="qmp_error")  # short snake_case reason
     # agent client, around every agent RPC:
     metrics.observe_agent_rpc("CreateContainer", Code.OK, seconds)
+    # shutdown, after the VM is gone:
+    metrics.set_sandbox_source(None); await closer.close(); await metrics.aclose()
 
 ``SandboxSource`` is read at scrape time, on the event loop thread that serves the scrape, so its
 sync methods must be cheap and must not block (return cached numbers; never call QMP or the agent
@@ -47,7 +49,7 @@ import asyncio
 import os
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -590,7 +592,9 @@ class ShimMetrics:
         """Where scrape-time numbers come from; ``None`` while there is no VM."""
         self._ref.source = source
         self._guest = None
-        self._guest_task = None
+        task, self._guest_task = self._guest_task, None
+        if task is not None and not task.done():
+            task.cancel()  # its result would belong to the previous source
 
     def observe_rpc(self, method: str, code: Code | int | str, seconds: float) -> None:
         self.rpc_duration.labels(method, _code_name(code)).observe(seconds)
@@ -636,7 +640,7 @@ class ShimMetrics:
             return
         task = self._guest_task
         if task is None or task.done():
-            task = asyncio.ensure_future(self._fetch_guest(src))
+            task = asyncio.get_running_loop().create_task(self._fetch_guest(src), name="metrics-guest-stats")
             self._guest_task = task
         done, _ = await asyncio.wait({task}, timeout=self.guest_timeout)
         if not done:
@@ -733,8 +737,6 @@ def render(registry: CollectorRegistry) -> bytes:
     return generate_latest(_WithoutCreated(registry))
 
 
-RefreshFn = Callable[[], Awaitable[None]]
-
 __all__ = [
     "CONTENT_TYPE",
     "GUEST_MEMINFO_FIELDS",
@@ -744,7 +746,6 @@ __all__ = [
     "MonitorMetrics",
     "ProcStats",
     "PssStats",
-    "RefreshFn",
     "SandboxSource",
     "ShimMetrics",
     "read_proc_stats",
