@@ -29,7 +29,7 @@ from shim.api.task_api import TaskAPI, ttrpc_server
 from shim.sandbox import cleanup, persist
 from shim.sandbox.backend import SandboxBackend
 from shim.sandbox.pod import bundle_membership
-from shim.sandbox.unavailable import UnavailableBackend
+from shim.sandbox.vm import VmSandbox
 from shim.service.task_service import TaskService
 
 log = shimlog.get_logger("shim.daemon")
@@ -38,8 +38,9 @@ _PR_SET_CHILD_SUBREAPER = 36
 LISTEN_FD = 3
 
 
-def load_backend() -> SandboxBackend:
-    """The sandbox backend: the VM backend once it exists; until then ``UnavailableBackend``.
+def load_backend(sandbox_id: str, namespace: str, sdir: paths.SandboxDir) -> SandboxBackend:
+    """The sandbox backend: ``VmSandbox`` (one VM for this pod). It refuses Create with
+    FAILED_PRECONDITION naming the fix when the host cannot boot guests (e.g. no guest image).
 
     TEST SEAM: ``PYVM_TEST_BACKEND=module:factory`` (e.g. ``shim.testing.fake_backend:FakeBackend``)
     loads another backend, and only when ``PYVM_ENABLE_TEST_SEAMS=1`` is also set; otherwise the
@@ -48,7 +49,7 @@ def load_backend() -> SandboxBackend:
     """
     spec = bootstrap.check_test_seam()
     if spec is None:
-        return UnavailableBackend()
+        return VmSandbox(sandbox_id, namespace=namespace, sdir=sdir)
     module, _, attr = spec.partition(":")
     factory = getattr(importlib.import_module(module), attr or "Backend")
     log.warning("using a TEST backend", backend=spec)
@@ -103,7 +104,7 @@ async def _serve(flags: bootstrap.Flags, bundle: str) -> None:
     sdir = paths.SandboxDir.for_sandbox(member.sandbox_id)
     proto = bootstrap.protocol()
     sock_path = flags.socket or bootstrap.socket_path(flags.address, flags.namespace, member.sandbox_id)
-    backend = load_backend()
+    backend = load_backend(member.sandbox_id, flags.namespace, sdir)
 
     start_time = persist.process_start_time(os.getpid()) or 0
     record = persist.SandboxRecord(

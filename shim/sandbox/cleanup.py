@@ -91,6 +91,8 @@ def remove_container(sdir: SandboxDir, container_id: str) -> list[str]:
     """Unmount and remove ``container_id``'s part of the sandbox share. Returns errors."""
     target = sdir.container_share(container_id)
     errors = unmount_under(target)
+    if mounts_under(target):
+        return [*errors, f"{target} not removed: still mounted"]
     shutil.rmtree(target, ignore_errors=True)
     if target.exists():
         errors.append(f"{target} could not be removed")
@@ -105,6 +107,13 @@ def remove_sandbox(sdir: SandboxDir) -> list[str]:
     killed = kill_recorded_processes(sdir)
     errors = [f"killed leftover process {pid}" for pid in killed]
     errors += unmount_under(sdir.root)
+    # virtiofsd 7.2 locks its socket with a pid file outside the sandbox dir and never removes it
+    with contextlib.suppress(OSError):
+        os.unlink("/run/virtiofsd/" + str(sdir.virtiofsd_sock).replace("/", ".") + ".pid")
+    left = mounts_under(sdir.root)
+    if left:
+        # never rm -rf through a mount: it would delete the container's or a volume's host data
+        return [*errors, f"{sdir.root} not removed: still mounted {[str(p) for p in left]}"]
     shutil.rmtree(sdir.root, ignore_errors=True)
     if sdir.root.exists():
         errors.append(f"{sdir.root} could not be removed")

@@ -286,13 +286,15 @@ def socket_path_for(senv: Env, cid: str) -> str:
             os.environ["PYVM_SHIM_SOCKET_DIR"] = old
 
 
-async def test_real_backend_placeholder_answers_failed_precondition(senv: Env) -> None:
+async def test_real_backend_without_guest_image_answers_failed_precondition(senv: Env) -> None:
     env = {k: v for k, v in senv.env.items() if k not in ("PYVM_TEST_BACKEND", "PYVM_ENABLE_TEST_SEAMS")}
+    # no guest image: the VM backend refuses Create, naming the fix, before booting anything
+    env |= {"PYVM_GUEST_ROOT": str(senv.root / "no-guest"), "PYVM_CONFIG": ""}
     b = senv.bundle("c3")
     r = await asyncio.to_thread(senv.run, "c3", "start", b, env=env)
     assert r.returncode == 0, r.stderr
     client = await _client(r.stdout.decode())
-    with pytest.raises(FailedPrecondition, match="VM sandbox backend"):
+    with pytest.raises(FailedPrecondition, match="pyvm guest build"):
         await client.call(
             T, "Create", shim_pb2.CreateTaskRequest(id="c3", bundle=str(b)), shim_pb2.CreateTaskResponse
         )
