@@ -3,7 +3,8 @@
 Floor contract (the QEMU driver's test guest relies on it): ``/init`` mounts proc, sys and devtmpfs,
 insmods the virtio modules in modules.dep order, prints ``PYVM-FLOOR-READY <uptime-seconds>``, then
 powers off when the kernel command line has ``pyvm.floor=poweroff``; otherwise it runs a line shell on
-the console: ``stty -echo``, then for each line read: eval it, print ``@@RC=<exit status>``.
+the console: for each line read, eval it, print ``@@RC=<exit status>``. Echo is turned off
+(``stty -echo``) *before* the marker, so a host may send its first line as soon as it sees it.
 """
 
 from __future__ import annotations
@@ -52,10 +53,11 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 while read -r m; do insmod "/lib/modules/$m"; done </etc/modules.list
+# echo off before the marker: a host may type as soon as it sees it
+stty -echo 2>/dev/null
 read -r up _ </proc/uptime
 echo "PYVM-FLOOR-READY $up"
 case " $(cat /proc/cmdline) " in *" pyvm.floor=poweroff "*) poweroff -f ;; esac
-stty -echo 2>/dev/null
 while IFS= read -r line; do
   eval "$line"
   echo "@@RC=$?"

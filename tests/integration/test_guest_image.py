@@ -170,7 +170,7 @@ def test_floor_boots_and_runs_commands(arch: str) -> None:
         assert rc == 0 and out == ["1", "/sys/devices/system/memory/memory0"]
         rc, _ = g.sh("false")
         assert rc == 1
-        rc, out = g.sh("cat /proc/modules | grep -c -e ^virtio_pci -e ^virtio_console -e ^virtio_mem")
+        rc, out = g.sh("grep -c -e '^virtio_pci ' -e '^virtio_console ' -e '^virtio_mem ' /proc/modules")
         assert rc == 0 and out == ["3"]
 
 
