@@ -28,7 +28,7 @@ from pathlib import Path
 
 from shim import paths
 from shim.errors import FailedPrecondition, InvalidArgument
-from shim.guestimage import apt, guest_init, initramfs, kernel, rootfs
+from shim.guestimage import apt, ext4, guest_init, initramfs, kernel, rootfs
 from shim.guestimage.arch import Arch
 from shim.guestimage.proc import need_tool, run
 from shim.guestimage.progress import Progress
@@ -206,11 +206,12 @@ def make_ext4(staging: Path, out: Path, uuid_seed: str) -> None:
     run(
         [
             mkfs, "-q", "-F", "-t", "ext4", "-L", initramfs.ROOT_LABEL, "-U", uuid,
-            "-O", "^has_journal", "-m", "0", "-i", "8192", "-b", "4096",
+            "-O", "^has_journal,^metadata_csum", "-m", "0", "-i", "8192", "-b", "4096",
             "-E", f"hash_seed={uuid},root_owner=0:0", "-d", staging, out, f"{size_mb}M",
         ],
         env=env,
     )  # fmt: skip
+    ext4.clamp_inode_times(out, SOURCE_DATE_EPOCH)
 
 
 def resolve_packages(arch: Arch, cache: Path) -> tuple[apt.Package, apt.Package, list[apt.Package]]:

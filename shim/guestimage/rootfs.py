@@ -23,9 +23,14 @@ from shim.guestimage.proc import need_tool, run
 from shim.guestimage.progress import Progress
 
 #: bump when the debootstrap invocation or the trim rules change
-BASE_LAYER_VERSION = 1
+BASE_LAYER_VERSION = 2
 SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"
+#: debootstrap installs the release suite only; these are applied on top (``apt-get upgrade``)
+SOURCES_LIST = f"""deb {MIRROR} {SUITE} main
+deb {MIRROR} {SUITE}-updates main
+deb http://deb.debian.org/debian-security {SUITE}-security main
+"""
 #: beyond minbase (which already has util-linux/mount, coreutils, dash)
 INCLUDE = ("python3", "crun", "kmod", "iproute2", "ca-certificates")
 #: directories dropped from the image (docs, man pages, locales, apt state); relative to the root
@@ -111,11 +116,24 @@ def _trim(root: Path) -> None:
                 p.unlink()
     (root / "var" / "log").mkdir(exist_ok=True)
     (root / "usr" / "share" / "locale").mkdir(exist_ok=True)
-    # machine-specific files debootstrap leaves behind
-    for rel in ("etc/machine-id", "var/lib/dbus/machine-id", "etc/hostname"):
+    # machine-specific files debootstrap leaves behind (resolv.conf is the build host's)
+    for rel in ("etc/machine-id", "var/lib/dbus/machine-id", "etc/hostname", "etc/resolv.conf"):
         p = root / rel
         if p.exists():
             p.write_text("")
+
+
+def _upgrade(root: Path, env: dict[str, str]) -> None:
+    """Bring the release-suite packages up to the point-release and security updates."""
+    (root / "etc" / "apt" / "sources.list").write_text(SOURCES_LIST)
+    shutil.copyfile("/etc/resolv.conf", root / "etc" / "resolv.conf")
+    opts = ["-o", "Acquire::Languages=none", "-o", "APT::Sandbox::User=root"]
+    run(["chroot", root, "apt-get", *opts, "-qq", "update"], env=env)
+    run(
+        ["chroot", root, "apt-get", *opts, "-y", "-qq", "-o", "Dpkg::Options::=--force-confold", "upgrade"],
+        env=env,
+    )
+    run(["chroot", root, "apt-get", "clean"], env=env)
 
 
 def _packages(root: Path) -> list[str]:
@@ -168,6 +186,8 @@ def build_base(
             run([*argv, "--foreign", SUITE, root, MIRROR], env=env)
         with progress.step(f"debootstrap second stage under {arch.binfmt} (slow)"):
             run(["chroot", root, "/debootstrap/debootstrap", "--second-stage"], env=env)
+    with progress.step(f"apt-get upgrade from {SUITE}-updates and {SUITE}-security"):
+        _upgrade(root, env)
     packages = _packages(root)
     with progress.step("trimming docs, man pages, locales, apt state"):
         _trim(root)
