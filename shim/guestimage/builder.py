@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import os
+import py_compile
 import shutil
 import sys
 import tempfile
@@ -25,6 +26,7 @@ import time
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from shim import paths
 from shim.errors import FailedPrecondition, InvalidArgument
@@ -155,9 +157,7 @@ def install_agent(staging: Path, files: dict[str, Path], wheels: dict[str, Path]
             init.write_text("")
     # the guest's python3 is 3.11 like the builder's, so the .pyc the builder writes are valid there;
     # unchecked-hash: no mtime check, no stat per import, same bytes every build
-    compileall.compile_dir(
-        str(lib), quiet=2, invalidation_mode=compileall.py_compile.PycInvalidationMode.UNCHECKED_HASH
-    )
+    compileall.compile_dir(str(lib), quiet=2, invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
     bindir = staging / "opt" / "pyvm" / "bin"
     bindir.mkdir(parents=True, exist_ok=True)
     init_src = Path(guest_init.__file__).read_text()
@@ -235,7 +235,7 @@ def resolve_packages(arch: Arch, cache: Path) -> tuple[apt.Package, apt.Package,
     pins = [found[n][0] for n in rootfs.INCLUDE]
     if apt.lists_stamp() == stamp:  # no apt-get update ran meanwhile
         cache.mkdir(parents=True, exist_ok=True)
-        doc = {
+        doc: dict[str, Any] = {
             "stamp": stamp,
             "include": list(rootfs.INCLUDE),
             "kernel": asdict(kpkg),
@@ -248,7 +248,7 @@ def resolve_packages(arch: Arch, cache: Path) -> tuple[apt.Package, apt.Package,
     return kpkg, bpkg, pins
 
 
-def resolve(arch: Arch, layout: str, progress: Progress) -> tuple[Inputs, dict]:
+def resolve(arch: Arch, layout: str, progress: Progress) -> tuple[Inputs, dict[str, Any]]:
     """Pin every input (apt candidates, wheels, sources) and compute the build hash."""
     cache = build_cache()
     with progress.step("resolving pinned versions (apt)"):
@@ -354,7 +354,7 @@ def _build_locked(arch: Arch, layout: str, force: bool) -> Path:
                 buf = io.BytesIO()
                 initramfs.write_tree_initramfs(buf, staging)
                 (out / "initrd.img").write_bytes(initramfs.compress(buf.getvalue(), "zstd"))
-        manifest = {
+        manifest: dict[str, Any] = {
             "arch": arch.name,
             "hash": h,
             "layout": layout,
@@ -413,7 +413,7 @@ def _prune(arch_root: Path, keep: set[str | None]) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def read_manifest(arch: Arch) -> dict | None:
+def read_manifest(arch: Arch) -> dict[str, Any] | None:
     path = paths.GUEST_ROOT / arch.name / "current" / "manifest.json"
     try:
         return json.loads(path.read_text())

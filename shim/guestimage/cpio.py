@@ -100,7 +100,7 @@ class CpioWriter:
 
 def read_names(data: bytes) -> list[tuple[str, int, bytes]]:
     """Parse an uncompressed newc archive: ``[(name, mode, data)]`` up to the trailer (for tests)."""
-    entries = []
+    entries: list[tuple[str, int, bytes]] = []
     pos = 0
     while True:
         if data[pos : pos + 6] != MAGIC:

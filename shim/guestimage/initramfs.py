@@ -15,6 +15,7 @@ import stat
 import subprocess
 from collections.abc import Iterable
 from pathlib import Path
+from typing import BinaryIO
 
 from shim.guestimage.cpio import CpioWriter
 from shim.guestimage.kernel import KernelTree
@@ -101,7 +102,7 @@ def _busybox_applets(busybox: Path) -> list[str]:
 
 
 def write_busybox_initramfs(
-    out: io.BufferedIOBase,
+    out: BinaryIO,
     *,
     busybox: Path,
     applets: Iterable[str],
@@ -152,7 +153,7 @@ def compress(raw: bytes, method: str) -> bytes:
     raise ValueError(f"unknown compression {method}")
 
 
-def write_tree_initramfs(out: io.BufferedIOBase, root: Path) -> None:
+def write_tree_initramfs(out: BinaryIO, root: Path) -> None:
     """A whole root filesystem as an initramfs (layout "initramfs"); /init must already be in it."""
     w = CpioWriter(out)
     w.add_tree(root)

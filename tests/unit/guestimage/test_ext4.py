@@ -9,7 +9,7 @@ import pytest
 
 from shim.guestimage.ext4 import clamp_inode_times
 
-MKFS = shutil.which("mkfs.ext4") or shutil.which("mkfs.ext4", path="/usr/sbin:/sbin")
+MKFS = shutil.which("mkfs.ext4") or shutil.which("mkfs.ext4", path="/usr/sbin:/sbin") or ""
 UUID = "11111111-2222-3333-4444-555555555555"
 
 
@@ -46,7 +46,7 @@ def _image(tmp_path: Path, name: str, features: str = "^has_journal,^metadata_cs
     return out
 
 
-@pytest.mark.skipif(MKFS is None, reason="mkfs.ext4 missing (apt-get install e2fsprogs)")
+@pytest.mark.skipif(not MKFS, reason="mkfs.ext4 missing (apt-get install e2fsprogs)")
 def test_two_copies_of_a_tree_give_identical_images_after_clamping(tmp_path: Path) -> None:
     a = _image(tmp_path, "a")
     b = _image(tmp_path, "b")  # a fresh copy: other ctimes
@@ -59,7 +59,7 @@ def test_two_copies_of_a_tree_give_identical_images_after_clamping(tmp_path: Pat
     assert "0x5f5e1000" in stat  # mtime 1600000000 kept
 
 
-@pytest.mark.skipif(MKFS is None, reason="mkfs.ext4 missing (apt-get install e2fsprogs)")
+@pytest.mark.skipif(not MKFS, reason="mkfs.ext4 missing (apt-get install e2fsprogs)")
 def test_metadata_csum_images_are_refused(tmp_path: Path) -> None:
     img = _image(tmp_path, "c", features="^has_journal")
     with pytest.raises(ValueError, match="metadata_csum"):
