@@ -374,6 +374,14 @@ def _build_locked(arch: Arch, layout: str, force: bool) -> Path:
             "agent_files": sorted(pinned["files"]),
             "agent_entrypoint": "python3 -m shim.guestagent (via /opt/pyvm/bin/pyvm-init)",
             "root_label": initramfs.ROOT_LABEL if layout == "disk" else None,
+            # what a host may rely on (see initramfs.py and guest_init.py)
+            "floor": {
+                "ready_marker": "PYVM-FLOOR-READY",
+                "poweroff_cmdline": "pyvm.floor=poweroff",
+                "rc_marker": "@@RC=",
+            },
+            "agent_entry_marker": "PYVM-AGENT-ENTRY",
+            "disk": {"device": "virtio-blk, read-only", "file": "rootfs.img"} if layout == "disk" else None,
             "floor_modules": floor_modules,
             "agent_modules": agent_modules,
             "builder_digest": inputs.builder_digest,

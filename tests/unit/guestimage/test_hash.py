@@ -65,3 +65,16 @@ def test_base_layer_key_ignores_agent_code_but_follows_package_pins() -> None:
     assert rootfs.base_key(arch, list(reversed(pins))) == key
     assert rootfs.base_key(arch, [pins[0], Package("crun", "1.8.1-2", "amd64")]) != key
     assert rootfs.base_key(ARCHES["aarch64"], pins) != key
+
+
+def test_current_is_replaced_atomically_and_old_images_are_pruned(tmp_path: Path) -> None:
+    for h in ("aaa", "bbb", "ccc"):
+        (tmp_path / h).mkdir()
+        (tmp_path / h / "manifest.json").write_text("{}")
+    builder._point_current(tmp_path, "aaa")
+    builder._point_current(tmp_path, "bbb")
+    assert (tmp_path / "current").is_symlink()
+    assert str((tmp_path / "current").readlink()) == "bbb"  # relative: the tree can be moved
+    builder._prune(tmp_path, keep={"bbb", "aaa"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["aaa", "bbb", "current"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".current")]
