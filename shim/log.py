@@ -14,9 +14,43 @@ from typing import Any, TextIO
 import structlog
 
 
+class _NeverRaisingStream:
+    """Wraps the log stream so that a failed write drops the line instead of raising.
+
+    containerd closes its read end of the shim's ``log`` FIFO as soon as the shim's ttrpc connection
+    goes away, i.e. right after answering ``Shutdown`` -- while the daemon still stops the VM,
+    unmounts the share and removes its socket and state dir, logging as it goes. A write to a FIFO
+    without a reader fails with EPIPE (Python ignores SIGPIPE, so: ``BrokenPipeError``); raised from
+    a log call it aborted that cleanup half way (regression: CRI pod removal left the share mount,
+    the sandbox dir and the shim socket behind). Once a write failed, later lines are dropped.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self.broken = False
+
+    def write(self, text: str) -> int:
+        if not self.broken:
+            try:
+                return self._stream.write(text)
+            except (OSError, ValueError):  # EPIPE, EBADF; ValueError: the stream was closed
+                self.broken = True
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self._stream.flush()
+            except (OSError, ValueError):
+                self.broken = True
+
+
 def configure(*, level: str = "info", stream: TextIO | None = None, json: bool = True) -> None:
-    """Configure structlog and the stdlib root logger to write one JSON object per line."""
-    out = stream if stream is not None else sys.stderr
+    """Configure structlog and the stdlib root logger to write one JSON object per line.
+
+    Logging never raises for a broken stream (see :class:`_NeverRaisingStream`).
+    """
+    out: Any = _NeverRaisingStream(stream if stream is not None else sys.stderr)
     lvl = getattr(logging, level.upper(), logging.INFO)
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,
