@@ -163,8 +163,38 @@ def build_base(
     debootstrap = need_tool("debootstrap", "debootstrap")
     tmp = layer_dir.with_name(layer_dir.name + ".tmp")
     if tmp.exists():
-        subprocess.run(["umount", "-R", str(tmp / "rootfs" / "proc")], capture_output=True, check=False)
+        unmount_under(tmp)
         shutil.rmtree(tmp)
+    try:
+        return _debootstrap(arch, cache, progress, pins, key, tmp, layer_dir, debootstrap)
+    finally:
+        # debootstrap mounts proc/sys (and may bind /dev) in the target; never leave them behind
+        unmount_under(tmp)
+
+
+def unmount_under(path: Path) -> None:
+    """Unmount every mount at or below ``path``, deepest first (so rmtree never walks into /dev)."""
+    prefix = str(path.resolve())
+    try:
+        with open("/proc/self/mountinfo") as f:
+            points = [line.split()[4] for line in f]
+    except OSError:
+        return
+    inside = [p for p in points if p == prefix or p.startswith(prefix + "/")]
+    for point in sorted(set(inside), key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], capture_output=True, check=False)
+
+
+def _debootstrap(
+    arch: Arch,
+    cache: Path,
+    progress: Progress,
+    pins: list[apt.Package],
+    key: str,
+    tmp: Path,
+    layer_dir: Path,
+    debootstrap: str,
+) -> BaseLayer:
     root = tmp / "rootfs"
     root.mkdir(parents=True)
     debs = (cache / "debs" / arch.deb).resolve()
@@ -196,7 +226,11 @@ def build_base(
             {"key": key, "arch": arch.name, "pins": [p.pin for p in pins], "packages": packages}, indent=1
         )
     )
+    unmount_under(tmp)
     if layer_dir.exists():
         shutil.rmtree(layer_dir)
     tmp.rename(layer_dir)
+    for old in (cache / arch.name).glob("base-*"):  # superseded layers (other keys)
+        if old != layer_dir and not old.name.endswith(".tmp"):
+            shutil.rmtree(old, ignore_errors=True)
     return BaseLayer(layer_dir / "rootfs", key, packages)
