@@ -3,9 +3,11 @@ reconnect after a containerd restart, and cleanup that leaves nothing behind.
 
 Two kinds of containerd instance:
 
-- ``production``: the shim exactly as shipped. Until the VM backend lands (issue 5), Create answers
-  FAILED_PRECONDITION naming what is missing; we check that containerd got that answer over ttrpc,
-  that our logs reached containerd's log through the ``log`` FIFO, and that cleanup is complete.
+- ``production``: the shim exactly as shipped (the VM backend), pointed at an empty guest image
+  root so that Create answers FAILED_PRECONDITION naming the fix (``pyvm guest build``) before
+  booting anything; we check that containerd got that answer over ttrpc, that our logs reached
+  containerd's log through the ``log`` FIFO, and that cleanup is complete. (Booting real VMs is
+  the end-to-end suite's job.)
 - ``with_fake_backend``: the same binary with the explicit TEST SEAM
   ``PYVM_TEST_BACKEND=shim.testing.fake_backend:FakeBackend`` + ``PYVM_ENABLE_TEST_SEAMS=1`` in
   containerd's environment. Only the VM is faked (an in-memory process that runs until killed);
@@ -68,7 +70,7 @@ def _instance(image_tar: Path, *, fake: bool) -> Iterator[tuple[Containerd, Path
     if reason:
         pytest.skip(reason)
     run_root = short_base_dir("pyvm-run-")
-    env = {"PYVM_RUN_ROOT": str(run_root)}
+    env = {"PYVM_RUN_ROOT": str(run_root), "PYVM_GUEST_ROOT": str(run_root / "no-guest"), "PYVM_CONFIG": ""}
     if fake:
         env |= {
             "PYVM_TEST_BACKEND": "shim.testing.fake_backend:FakeBackend",
@@ -118,7 +120,7 @@ def test_create_reaches_our_shim_and_fails_with_our_message(production: tuple[Co
     c, run_root = production
     r = c.ctr("run", "--runtime", RUNTIME, BUSYBOX_REF, "p1", "true", timeout=60)
     assert r.returncode != 0
-    assert "VM sandbox backend" in r.stderr, r.stderr
+    assert "pyvm guest build" in r.stderr, r.stderr
     # our JSON logs came through the bundle's log FIFO into containerd's log
     log = c.log_path.read_text(errors="replace")
     assert '"event": "shim serving"' in log or '"event":"shim serving"' in log, c.log_tail()
