@@ -4,8 +4,8 @@
 Wait bookkeeping; a backend only does the mechanism. One backend instance serves one sandbox (one
 shim daemon); the first ``create_container`` typically brings the VM up.
 
-Implementations: the VM sandbox (issue 5), ``shim.sandbox.unavailable.UnavailableBackend`` (the
-placeholder until then) and ``shim.testing.fake_backend.FakeBackend`` (tests).
+Implementations: ``shim.sandbox.vm.VmSandbox`` (one QEMU VM per pod) and
+``shim.testing.fake_backend.FakeBackend`` (tests).
 """
 
 from __future__ import annotations

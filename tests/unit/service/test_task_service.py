@@ -12,7 +12,6 @@ import pytest
 from shim.errors import AlreadyExists, FailedPrecondition, InvalidState, NotFound, Unimplemented
 from shim.sandbox.spec import ContainerRequest, ExecRequest, Resources, Stdio
 from shim.sandbox.state import CONTAINER_TRANSITIONS, ContainerState, ProcessState, StateMachine
-from shim.sandbox.unavailable import UnavailableBackend
 from shim.service import events as ev
 from shim.service.task_service import TaskService
 from shim.testing.fake_backend import FakeBackend
@@ -191,13 +190,6 @@ async def test_backend_failure_on_create_leaves_nothing(
         await service.create(req(bundle))
     assert service.container_ids == [] and sink.events == []
     assert await service.create(req(bundle)) == 4242  # the id is free again
-
-
-async def test_unavailable_backend_names_what_is_missing(sink: ev.RecordingSink, bundle: str) -> None:
-    service = TaskService(UnavailableBackend(), sink, shim_pid=1, version="t")
-    with pytest.raises(FailedPrecondition, match="VM sandbox backend"):
-        await service.create(req(bundle))
-    assert service.shutdown() is True
 
 
 async def test_exec_lifecycle_and_events(
