@@ -12,9 +12,12 @@ inherited by the shims), so every QEMU and virtiofsd of a test mentions that dir
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
+import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -178,6 +181,18 @@ def wait_clean(timeout: float, **kwargs: object) -> None:
         time.sleep(0.3)
 
 
+def force_clean(base: Path, run_root: Path) -> None:
+    """Remove whatever a failed run left under ``base``: VM processes (QEMU, virtiofsd under
+    ``run_root``), mounts (lazily, deepest first), then the files. Never removes through a mount."""
+    for pid in qemu_pids(run_root) + virtiofsd_pids(run_root):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    for m in sorted(mounts_under(base), key=len, reverse=True):
+        subprocess.run(["umount", "-l", m], capture_output=True, check=False)
+    if not mounts_under(base):
+        shutil.rmtree(base, ignore_errors=True)
+
+
 def host_boot_id() -> str:
     return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
 
@@ -196,6 +211,7 @@ __all__ = [
     "SHIM",
     "SHIM_NAME",
     "VENV_BIN",
+    "force_clean",
     "host_boot_id",
     "meminfo_kib",
     "mounts_under",
