@@ -67,12 +67,20 @@ def configure(*, level: str = "info", stream: TextIO | None = None, json: bool =
         logger_factory=structlog.PrintLoggerFactory(file=out),
         cache_logger_on_first_use=False,
     )
+    # stdlib loggers (asyncio, qemu.qmp, grpc) go through the same processors, so every line that
+    # reaches containerd's log is one JSON object.
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[
+            structlog.stdlib.add_logger_name,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True, key="time"),
+        ],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+    )
     root = logging.getLogger()
     root.handlers[:] = []
     handler = logging.StreamHandler(out)
-    handler.setFormatter(
-        logging.Formatter('{"level":"%(levelname)s","logger":"%(name)s","event":%(message)r}')
-    )
+    handler.setFormatter(formatter)
     root.addHandler(handler)
     root.setLevel(lvl)
 
