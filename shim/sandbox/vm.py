@@ -66,6 +66,8 @@ T = TypeVar("T")
 
 #: exit status of every process when the VM dies under it (as if SIGKILLed)
 VM_DIED_STATUS = 137
+#: after the agent channel broke, how long (x speed factor) to wait for QEMU's exit to be confirmed
+VM_DEATH_GRACE_S = 0.5
 #: after the exit is known, how long (x speed factor) the relays may still take to write the output
 #: a leftover child can hold a pipe open forever; the agent already waited 2 s for EOF itself
 DRAIN_GRACE_S = 5.0
@@ -430,12 +432,21 @@ class VmSandbox:
             exit = ExitStatus(r.exit_status, r.exited_at)
             await self._drain(p)
         except Unavailable:
+            # QEMU's death closes the agent channel before QEMU's exit is reaped: give the exit
+            # watcher a moment to confirm it, or a killed VM would be reported as "lost" (255).
+            if not self._dead.done():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(self._dead), self._death_grace())
             if not self._dead.done():
                 raise
             exit = ExitStatus.now(VM_DIED_STATUS)
         p.exit = exit
         await p.stop_io()
         return exit
+
+    def _death_grace(self) -> float:
+        """How long a broken agent channel waits for QEMU's exit to be confirmed."""
+        return VM_DEATH_GRACE_S * (self.vm.accel.speed_factor if self.vm is not None else 1.0)
 
     async def _drain(self, p: _Proc) -> None:
         relays = [t for t in p.relays if not t.done()]
