@@ -17,7 +17,10 @@ its guest counterpart or dropped:
 - ``linux.cgroupsPath`` -> ``/pyvm/<sandbox-id>/<cid>`` (cgroupfs style, also when CRI sent systemd
   ``slice:prefix:name``); ``linux.resources`` kept (the guest agent applies it);
 - ``process.apparmorProfile``, ``process.selinuxLabel``, ``linux.mountLabel`` and ``hooks`` are dropped
-  (the guest kernel has no such profiles; hooks would run host paths); ``linux.seccomp`` kept.
+  (the guest kernel has no such profiles; hooks would run host paths); ``linux.seccomp`` kept;
+- ``ociVersion`` newer than the guest's crun understands (1.2.x from containerd 1.7 built against
+  runtime-spec 1.2, and 2.x) is lowered to ``1.1.0``: crun 1.8 refuses it outright ("unknown version
+  specified") although the 1.2 additions are optional fields it ignores.
 
 Every change is reported as a human-readable adjustment so the caller can log it once.
 """
@@ -38,6 +41,8 @@ log = get_logger(__name__)
 
 CONTAINER_TYPE_ANNOTATION = "io.kubernetes.cri.container-type"
 GUEST_CGROUP_ROOT = "/pyvm"
+#: the newest runtime-spec version the guest's crun (Debian 12: 1.8.1) accepts in ``ociVersion``
+GUEST_MAX_OCI_VERSION = (1, 1)
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,15 @@ def guest_cgroups_path(sandbox_id: str, container_id: str) -> str:
 def _is_bind(mount: Mapping[str, Any]) -> bool:
     opts = mount.get("options") or ()
     return mount.get("type") == "bind" or "bind" in opts or "rbind" in opts
+
+
+def _major_minor(version: str) -> tuple[int, int]:
+    """``"1.2.0"`` -> (1, 2); anything unparseable -> (0, 0) (left alone)."""
+    parts = version.split(".")
+    try:
+        return int(parts[0]), int(parts[1].split("-")[0])
+    except (IndexError, ValueError):
+        return (0, 0)
 
 
 def rewrite_spec(
@@ -146,6 +160,12 @@ def rewrite_spec(
             value = process.pop(key, None)
             if value is not None:
                 adj.append(f"dropped process.{key} {value!r} ({why})")
+
+    version = out.get("ociVersion")
+    if isinstance(version, str) and _major_minor(version) > GUEST_MAX_OCI_VERSION:
+        lowered = "{}.{}.0".format(*GUEST_MAX_OCI_VERSION)
+        out["ociVersion"] = lowered
+        adj.append(f"ociVersion {version!r} -> {lowered!r} (the newest the guest's crun accepts)")
 
     hooks = out.pop("hooks", None)
     if hooks:

@@ -152,3 +152,22 @@ def test_spec_without_root_is_invalid(bad: dict) -> None:
 def test_bad_ids_are_invalid() -> None:
     with pytest.raises(InvalidArgument):
         rewrite_spec({"root": {"path": "rootfs"}}, container_id="../x", sandbox_id="s", guest_mounts={})
+
+
+@pytest.mark.parametrize(
+    ("version", "expected"),
+    [
+        ("1.2.0", "1.1.0"),
+        ("1.2.1", "1.1.0"),
+        ("1.3.0-rc.1", "1.1.0"),
+        ("1.1.0", "1.1.0"),
+        ("1.0.2-dev", "1.0.2-dev"),
+    ],
+)
+def test_oci_version_newer_than_guest_crun_is_lowered(version: str, expected: str) -> None:
+    """Regression: containerd 1.7.24 (Debian trixie) writes ociVersion 1.2.0; crun 1.8.1 in the guest
+    refused every container with "unknown version specified"."""
+    spec = {"ociVersion": version, "root": {"path": "rootfs"}, "process": {"args": ["true"]}}
+    out = rewrite_spec(spec, container_id="c1", sandbox_id="c1", guest_mounts={})
+    assert out.spec["ociVersion"] == expected
+    assert any("ociVersion" in a for a in out.adjustments) == (version != expected)
