@@ -2,9 +2,11 @@
 
 Serves the task API on the listening socket handed over as fd 3 (ttrpc) or on ``-socket`` (gRPC),
 logs JSON to the bundle's ``log`` FIFO (dup'ed onto stderr, so containerd folds it into its log),
-publishes events to ``$TTRPC_ADDRESS``, persists ``state.json`` for ``delete``, and exits after
+publishes events to ``$TTRPC_ADDRESS``, persists ``state.json`` for ``delete`` (and the CRI
+annotations for ``pyvm monitor``), serves its metrics on ``metrics.sock`` (0600) in the sandbox
+directory, and exits after
 answering a ``Shutdown`` that leaves no task, or on SIGTERM/SIGINT. On exit it tears the sandbox
-down and removes its socket and state directory.
+down and removes its sockets and state directory.
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ from typing import Any
 
 from shim import __version__, paths
 from shim import log as shimlog
-from shim.api import bootstrap
+from shim.api import bootstrap, interceptors
 from shim.api.events import EventPublisher
 from shim.api.task_api import TaskAPI, ttrpc_server
+from shim.metrics import ShimMetrics
+from shim.metrics_server import MetricsServer, serve_metrics
 from shim.sandbox import cleanup, persist
 from shim.sandbox.backend import SandboxBackend
-from shim.sandbox.pod import bundle_membership
+from shim.sandbox.pod import bundle_membership, read_annotations
 from shim.sandbox.vm import VmSandbox
 from shim.service.task_service import TaskService
 
@@ -38,7 +42,17 @@ _PR_SET_CHILD_SUBREAPER = 36
 LISTEN_FD = 3
 
 
-def load_backend(sandbox_id: str, namespace: str, sdir: paths.SandboxDir) -> SandboxBackend:
+#: sandbox annotations kept in state.json (``pyvm monitor`` reads them for its ``cri_*`` labels)
+CRI_SANDBOX_ANNOTATIONS = (
+    "io.kubernetes.cri.sandbox-uid",
+    "io.kubernetes.cri.sandbox-name",
+    "io.kubernetes.cri.sandbox-namespace",
+)
+
+
+def load_backend(
+    sandbox_id: str, namespace: str, sdir: paths.SandboxDir, metrics: ShimMetrics | None = None
+) -> SandboxBackend:
     """The sandbox backend: ``VmSandbox`` (one VM for this pod). It refuses Create with
     FAILED_PRECONDITION naming the fix when the host cannot boot guests (e.g. no guest image).
 
@@ -49,7 +63,7 @@ def load_backend(sandbox_id: str, namespace: str, sdir: paths.SandboxDir) -> San
     """
     spec = bootstrap.check_test_seam()
     if spec is None:
-        return VmSandbox(sandbox_id, namespace=namespace, sdir=sdir)
+        return VmSandbox(sandbox_id, namespace=namespace, sdir=sdir, metrics=metrics)
     module, _, attr = spec.partition(":")
     factory = getattr(importlib.import_module(module), attr or "Backend")
     log.warning("using a TEST backend", backend=spec)
@@ -104,7 +118,9 @@ async def _serve(flags: bootstrap.Flags, bundle: str) -> None:
     sdir = paths.SandboxDir.for_sandbox(member.sandbox_id)
     proto = bootstrap.protocol()
     sock_path = flags.socket or bootstrap.socket_path(flags.address, flags.namespace, member.sandbox_id)
-    backend = load_backend(member.sandbox_id, flags.namespace, sdir)
+    metrics = ShimMetrics()
+    interceptors.set_observer(metrics.observe_rpc)
+    backend = load_backend(member.sandbox_id, flags.namespace, sdir, metrics)
 
     start_time = persist.process_start_time(os.getpid()) or 0
     record = persist.SandboxRecord(
@@ -114,6 +130,7 @@ async def _serve(flags: bootstrap.Flags, bundle: str) -> None:
         bundle=bundle,
         shim_pid=os.getpid(),
         shim_start_time=start_time,
+        annotations=_cri_annotations(bundle) if member.is_sandbox else {},
     )
 
     def on_containers_changed(containers: Mapping[str, str]) -> None:
@@ -121,7 +138,12 @@ async def _serve(flags: bootstrap.Flags, bundle: str) -> None:
         persist.save(sdir, record)
 
     persist.save(sdir, record)
-    publisher = EventPublisher(address=os.environ.get("TTRPC_ADDRESS") or None, namespace=flags.namespace)
+    metrics_server = await _serve_metrics(sdir, metrics)
+    publisher = EventPublisher(
+        address=os.environ.get("TTRPC_ADDRESS") or None,
+        namespace=flags.namespace,
+        on_result=metrics.event_published,
+    )
     publisher.start()
     service = TaskService(
         backend,
@@ -162,7 +184,12 @@ async def _serve(flags: bootstrap.Flags, bundle: str) -> None:
         await server.stop(grace=0.5)
     else:
         await server.close()
+    if metrics_server is not None:
+        await metrics_server.close()  # removes metrics.sock: the monitor stops listing this sandbox
     await service.close()
+    metrics.set_sandbox_source(None)
+    await metrics.aclose()
+    interceptors.set_observer(None)
     await publisher.close()
     with contextlib.suppress(FileNotFoundError):
         os.unlink(sock_path)
@@ -172,4 +199,21 @@ async def _serve(flags: bootstrap.Flags, bundle: str) -> None:
     log.info("shim exited", events_published=publisher.published, events_failed=publisher.failed)
 
 
-__all__ = ["LISTEN_FD", "load_backend", "serve"]
+async def _serve_metrics(sdir: paths.SandboxDir, metrics: ShimMetrics) -> MetricsServer | None:
+    """Serve ``metrics`` on ``sdir.metrics_sock``; a shim without metrics still runs pods."""
+    try:
+        return await serve_metrics(sdir.metrics_sock, metrics)
+    except OSError as exc:
+        log.error("cannot serve metrics", socket=str(sdir.metrics_sock), error=str(exc))
+        return None
+
+
+def _cri_annotations(bundle: str) -> dict[str, str]:
+    try:
+        ann = read_annotations(bundle)
+    except ValueError:
+        return {}
+    return {k: ann[k] for k in CRI_SANDBOX_ANNOTATIONS if k in ann}
+
+
+__all__ = ["CRI_SANDBOX_ANNOTATIONS", "LISTEN_FD", "load_backend", "serve"]

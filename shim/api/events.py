@@ -5,7 +5,8 @@ One queue and one forwarder task: events leave in exactly the order ``publish`` 
 service's create -> start -> exit -> delete order survives. A failed Forward is retried *in place*
 (bounded attempts, linear backoff, a new connection after the old one closed — e.g. containerd was
 restarted) before the next event is sent; Go's publisher requeues at the tail instead, which can
-reorder. Counters ``published`` / ``failed`` / ``dropped`` say what happened.
+reorder. Counters ``published`` / ``failed`` / ``dropped`` say what happened; ``on_result(ok)`` (the
+shim's metrics) hears each outcome as it happens (a dropped event is a failed one).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class EventPublisher:
         backoff: float = 1.0,
         call_timeout: float = 5.0,
         connector: Connector = _connect,
+        on_result: Callable[[bool], None] | None = None,
     ) -> None:
         """``address``: containerd's ttrpc socket path (``$TTRPC_ADDRESS``); ``None`` = log only."""
         self.address = address
@@ -61,6 +63,7 @@ class EventPublisher:
         self._backoff = backoff
         self._call_timeout = call_timeout
         self._connector = connector
+        self._on_result = on_result
         self._client: Client | None = None
         self._task: asyncio.Task[None] | None = None
         self.published = 0
@@ -78,6 +81,7 @@ class EventPublisher:
             self._queue.put_nowait(envelope)
         except asyncio.QueueFull:
             self.dropped += 1
+            self._result(False)
             log.error("event dropped: queue full", topic=topic, dropped=self.dropped)
 
     def start(self) -> None:
@@ -99,6 +103,10 @@ class EventPublisher:
         if self._client is not None:
             await self._client.close()
             self._client = None
+
+    def _result(self, ok: bool) -> None:
+        if self._on_result is not None:
+            self._on_result(ok)
 
     async def _forward_loop(self) -> None:
         while True:
@@ -124,10 +132,12 @@ class EventPublisher:
                     metadata={NAMESPACE_METADATA_KEY: self.namespace},
                 )
                 self.published += 1
+                self._result(True)
                 return
             except InvalidArgument as exc:
                 # containerd rejected the envelope itself (topic, namespace): retrying cannot help.
                 self.failed += 1
+                self._result(False)
                 log.error("event rejected", topic=envelope.topic, error=str(exc))
                 return
             except ShimError as exc:
@@ -138,6 +148,7 @@ class EventPublisher:
                 if attempt < self._attempts:
                     await asyncio.sleep(self._backoff * attempt)
         self.failed += 1
+        self._result(False)
         log.error("event lost", topic=envelope.topic, attempts=self._attempts, failed=self.failed)
 
 

@@ -1,7 +1,8 @@
 """The one envelope around every task RPC, whatever the transport (ttrpc or gRPC).
 
 - binds ``rpc``, ``container_id`` and ``exec_id`` into the structlog context for the call;
-- measures the duration and logs one line per call (debug; errors at info/error; successful polling
+- measures the duration, feeds it to the RPC observer (``set_observer``: the shim's metrics) by
+  method and status code, and logs one line per call (debug; errors at info/error; successful polling
   calls, ``QUIET_METHODS``, are not logged);
 - maps exceptions once: ``ShimError`` passes through (its code comes from ``shim.errors``' table),
   ``TimeoutError`` becomes ``DeadlineExceeded``, anything else becomes ``Internal`` with the traceback
@@ -16,7 +17,7 @@ from typing import Any
 
 import structlog
 
-from shim.errors import DeadlineExceeded, Internal, ShimError, code_of
+from shim.errors import Code, DeadlineExceeded, Internal, ShimError, code_of
 from shim.log import get_logger
 
 log = get_logger("shim.api.rpc")
@@ -24,6 +25,16 @@ log = get_logger("shim.api.rpc")
 #: Read-only calls that containerd and CRI poll constantly: a success line for each would flood the
 #: log FIFO (and cost more than the call); their errors are still logged.
 QUIET_METHODS = frozenset({"State", "Stats", "Pids", "Connect"})
+
+RpcObserver = Callable[[str, Code, float], None]
+#: ``observer(method, code, seconds)`` after every call; one shim process serves one sandbox, so the
+#: daemon sets it once (``ShimMetrics.observe_rpc``)
+_observer: RpcObserver | None = None
+
+
+def set_observer(observer: RpcObserver | None) -> None:
+    global _observer
+    _observer = observer
 
 
 def _ids(request: Any) -> dict[str, str]:
@@ -43,24 +54,31 @@ async def task_interceptor(ctx: Any, request: Any, call_next: Callable[[], Await
     quiet = ctx.method in QUIET_METHODS
     extra = {"rpc": ctx.method, **_ids(request)} if quiet else {}
     tokens = None if quiet else structlog.contextvars.bind_contextvars(rpc=ctx.method, **_ids(request))
+    code = Code.CANCELLED
     try:
         response = await call_next()
+        code = Code.OK
         if not quiet:
             log.debug("rpc", duration_ms=_ms(start))
         return response
     except ShimError as exc:
+        code = code_of(exc)
         _log_failure(exc, start, extra)
         raise
     except TimeoutError as exc:
+        code = Code.DEADLINE_EXCEEDED
         err = DeadlineExceeded(str(exc) or f"{ctx.method} timed out")
         _log_failure(err, start, extra)
         raise err from exc
     except Exception as exc:
+        code = Code.INTERNAL
         log.exception("rpc failed unexpectedly", duration_ms=_ms(start), **extra)
         raise Internal(f"{ctx.method}: internal error: {type(exc).__name__}: {exc}") from exc
     finally:
         if tokens is not None:
             structlog.contextvars.reset_contextvars(**tokens)
+        if _observer is not None:
+            _observer(ctx.method, code, time.monotonic() - start)
 
 
 def _ms(start: float) -> float:
@@ -71,4 +89,4 @@ def _log_failure(exc: ShimError, start: float, extra: dict[str, str]) -> None:
     log.info("rpc error", code=code_of(exc).name, error=str(exc), duration_ms=_ms(start), **extra)
 
 
-__all__ = ["task_interceptor"]
+__all__ = ["QUIET_METHODS", "RpcObserver", "set_observer", "task_interceptor"]

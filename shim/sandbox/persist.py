@@ -28,6 +28,9 @@ class SandboxRecord:
     shim_pid: int
     shim_start_time: int
     containers: dict[str, dict[str, str]] = field(default_factory=dict)
+    #: the sandbox's CRI annotations (``io.kubernetes.cri.sandbox-{uid,name,namespace}``); ``pyvm
+    #: monitor`` turns them into the ``cri_*`` labels. Empty for a plain ``ctr run`` container.
+    annotations: dict[str, str] = field(default_factory=dict)
     version: int = FORMAT_VERSION
 
 

@@ -44,12 +44,14 @@ from shim.errors import (
 )
 from shim.hypervisor.qemu.driver import ExitInfo, QemuVM
 from shim.log import get_logger
+from shim.metrics import ShimMetrics
 from shim.paths import SHARE_TAG, SandboxDir
 from shim.platform import accel
 from shim.resources import memory as mem_policy
 from shim.resources.spec import rewrite_spec
 from shim.resources.storage import RootfsMount, SandboxStorage, cleanup_sandbox_share
 from shim.sandbox.hostio import HostIO, open_host_io
+from shim.sandbox.metrics_source import HotplugObserver, TimedTtrpc, VmMetricsSource
 from shim.sandbox.spec import (
     ContainerRequest,
     ContainerStats,
@@ -116,7 +118,15 @@ class BootTimes:
 class VmSandbox:
     """Implements ``SandboxBackend`` for one sandbox (pod) = one VM."""
 
-    def __init__(self, sandbox_id: str, *, namespace: str = "", sdir: SandboxDir | None = None) -> None:
+    def __init__(
+        self,
+        sandbox_id: str,
+        *,
+        namespace: str = "",
+        sdir: SandboxDir | None = None,
+        metrics: ShimMetrics | None = None,
+    ) -> None:
+        """``metrics``: the shim's metrics; this sandbox becomes their source (boot, memory, guest)."""
         self.sandbox_id = sandbox_id
         self.namespace = namespace
         self.sdir = sdir or SandboxDir.for_sandbox(sandbox_id)
@@ -134,6 +144,9 @@ class VmSandbox:
         self._block = 128 * mem_policy.MiB
         self._sandbox_hint = 0
         self._closed = False
+        self.metrics = metrics
+        if metrics is not None:
+            metrics.set_sandbox_source(VmMetricsSource(self))
 
     # -- SandboxBackend: sandbox-wide -----------------------------------------------------------------
 
@@ -211,6 +224,8 @@ class VmSandbox:
             agent = await wait_ready(
                 vm.agent_socket_path, deadline=deadline, timeout_factor=verdict.speed_factor
             )
+            if self.metrics is not None:
+                agent.ttrpc = TimedTtrpc(agent.ttrpc, self.metrics)  # type: ignore[assignment]
             self.agent = agent
             t2 = time.monotonic()
             await agent.create_sandbox(sandbox_id=self.sandbox_id, share_tag=SHARE_TAG)
@@ -220,6 +235,9 @@ class VmSandbox:
                 vm.set_memory_block_size(details.memory_block_size)
             t3 = time.monotonic()
             self.boot_times = BootTimes(t1 - t0, t2 - t0, t3 - t0)
+            if self.metrics is not None:
+                self.metrics.observe_boot(t2 - vm.boot_started)
+                self.metrics.observe_sandbox_start(t3 - t0)
             log.info(
                 "sandbox VM ready",
                 sandbox_id=self.sandbox_id,
@@ -320,10 +338,13 @@ class VmSandbox:
         before = (await self._guarded(vm.memory_state())).total_bytes
         if plan.target == before:
             return
+        assert self.cfg is not None
+        observed = HotplugObserver(self.metrics, self.cfg.hypervisor.memory_hotplug, before, plan.target)
         try:
             state = await self._guarded(vm.resize_memory(plan.target))
-        except FailedPrecondition as exc:
-            if plan.target < before:
+        except ShimError as exc:
+            observed.failed(exc)
+            if isinstance(exc, FailedPrecondition) and plan.target < before:
                 log.warning("the guest kept its memory (not movable)", error=str(exc))
                 return
             raise
@@ -334,6 +355,7 @@ class VmSandbox:
             )
             if r.failures:
                 log.warning("some memory blocks did not come online", failures=list(r.failures)[:8])
+        observed.done(state.total_bytes)
         log.info(
             "VM memory resized",
             sandbox_id=self.sandbox_id,
@@ -341,6 +363,13 @@ class VmSandbox:
             before_mib=before // mem_policy.MiB,
             now_mib=state.total_bytes // mem_policy.MiB,
         )
+
+    def memory_target(self) -> int | None:
+        """What the memory policy wants the VM to have now (``None`` before the VM is configured)."""
+        return self._plan(self._limits()).target if self.cfg is not None else None
+
+    def container_ids(self) -> list[str]:
+        return list(self._containers)
 
     def _limits(self, override: tuple[str, int] | None = None) -> dict[str, int]:
         limits = {cid: c.memory_limit for cid, c in self._containers.items()}
