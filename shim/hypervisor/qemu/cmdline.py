@@ -26,7 +26,7 @@ from typing import Protocol
 
 from shim.config import Config
 from shim.errors import InvalidArgument
-from shim.paths import AGENT_PORT_NAME, SHARE_TAG, SandboxDir
+from shim.paths import AGENT_PORT_NAME, LOG_PORT_NAME, SHARE_TAG, SandboxDir
 
 MiB = 1024 * 1024
 _ID = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,31}$")
@@ -300,6 +300,31 @@ class AgentPort:
 
 
 @dataclass(frozen=True)
+class LogPort:
+    """virtio-serial port ``name`` (on ``AgentPort``'s bus) whose guest writes land in the host file
+    ``log``: the guest agent's log, kept per sandbox. A ``file`` chardev never blocks the guest and
+    counts as a connected host, so the agent's non-blocking writes always go through."""
+
+    log: Path
+    name: str = LOG_PORT_NAME
+    id: str = "guestlog0"
+
+    def __post_init__(self) -> None:
+        _check_abs("guest log", self.log)
+        _check_id("guest log chardev id", self.id)
+        if not re.match(r"^[A-Za-z0-9_.-]+$", self.name):
+            raise InvalidArgument(f"virtio-serial port name {self.name!r} is not valid", value=self.name)
+
+    def to_args(self) -> list[str]:
+        return [
+            "-chardev",
+            f"file,id={self.id},path={esc(self.log)}",
+            "-device",
+            f"virtserialport,bus=vser0.0,chardev={self.id},name={self.name}",
+        ]
+
+
+@dataclass(frozen=True)
 class VirtioFs:
     socket: Path
     tag: str = SHARE_TAG
@@ -446,7 +471,12 @@ def vm_command(
     parts.append(Kernel(hv.kernel, hv.initrd, kernel_cmdline(hv.arch, hv.kernel_params, extra_kernel_params)))
     if hv.image is not None:
         parts.append(RootDisk(hv.image))
-    parts += [Qmp(sdir.qmp_sock), Console(sdir.console_log, console_socket), AgentPort(sdir.agent_sock)]
+    parts += [
+        Qmp(sdir.qmp_sock),
+        Console(sdir.console_log, console_socket),
+        AgentPort(sdir.agent_sock),
+        LogPort(sdir.guest_log),
+    ]
     if cfg.shared_fs.kind == "virtio-fs":
         parts.append(VirtioFs(sdir.virtiofsd_sock))
     if hv.memory_hotplug == "virtio-mem":
@@ -460,6 +490,7 @@ __all__ = [
     "Console",
     "Cpu",
     "Kernel",
+    "LogPort",
     "Machine",
     "Memory",
     "MemoryBackend",

@@ -39,6 +39,10 @@ COMMON_TAIL = [
     "-device",
     "virtserialport,bus=vser0.0,chardev=agent0,name=io.pyvm.agent.0",
     "-chardev",
+    "file,id=guestlog0,path=/run/pyvm/sbs/sb1/guest.log",
+    "-device",
+    "virtserialport,bus=vser0.0,chardev=guestlog0,name=io.pyvm.log.0",
+    "-chardev",
     "socket,id=vfs0,path=/run/pyvm/sbs/sb1/virtiofsd.sock",
     "-device",
     "vhost-user-fs-pci,chardev=vfs0,tag=pyvm-shared,queue-size=1024",
@@ -198,3 +202,15 @@ def test_memory_backend_qmp_args() -> None:
 def test_validation_errors(make, match: str) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(InvalidArgument, match=match):
         make()
+
+
+def test_guest_log_port_is_a_file_chardev_on_the_agent_bus() -> None:
+    args = c.LogPort(SD.guest_log).to_args()
+    assert args == [
+        "-chardev",
+        "file,id=guestlog0,path=/run/pyvm/sbs/sb1/guest.log",
+        "-device",
+        "virtserialport,bus=vser0.0,chardev=guestlog0,name=io.pyvm.log.0",
+    ]
+    with pytest.raises(InvalidArgument):
+        c.LogPort(Path("relative.log"))
