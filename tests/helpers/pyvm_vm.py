@@ -108,11 +108,12 @@ def virtiofsd_pids(run_root: Path, sandbox_id: str = "") -> list[int]:
 
 
 def shim_pids(containerd_address: str) -> list[int]:
-    """pyvm shim processes serving the containerd at ``containerd_address``."""
+    """pyvm shim processes serving the containerd at ``containerd_address`` (the installed binary,
+    or ``python -m shim.cli.shim_main`` as the daemon is re-executed when started that way)."""
     return sorted(
         pid
         for pid, argv in cmdlines()
-        if any(SHIM_NAME in a for a in argv[:2]) and containerd_address in argv
+        if any(SHIM_NAME in a or a == "shim.cli.shim_main" for a in argv[:3]) and containerd_address in argv
     )
 
 
