@@ -1,0 +1,233 @@
+"""``ctr run --runtime io.containerd.pyvm.v2``: containers in real VMs under a private containerd 1.6.
+
+Every container here boots its own VM (QEMU TCG + OVMF, ~15-25 s on these hosts), so checks are
+grouped per VM: one VM for kernel + exit code, one for stdin, one for the terminal, and one
+long-running container for exec, pause/resume, metrics and kill. After each test nothing may be
+left: no QEMU, virtiofsd or shim process, no mount under the run root, no sandbox directory.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import platform
+import pty
+import select
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import termios
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from shim.paths import guest_dir
+from tests.helpers.containerd import BUSYBOX_REF, Containerd, build_busybox_image, short_base_dir
+
+pytestmark = [pytest.mark.containerd, pytest.mark.vm, pytest.mark.slow]
+
+RUNTIME = "io.containerd.pyvm.v2"
+VENV_BIN = Path(sys.executable).parent
+SHIM = VENV_BIN / "containerd-shim-pyvm-v2"
+#: one VM boot + the container under TCG; generous because other engineers' VMs share the 2 cores
+RUN_TIMEOUT = 300
+
+
+def _skip_reason() -> str | None:
+    reason = Containerd.available()
+    if reason:
+        return reason
+    if not SHIM.exists():
+        return f"{SHIM} is not installed (run hack/setup.sh)"
+    if not (guest_dir("x86_64") / "manifest.json").exists():
+        return "no guest image: .venv/bin/pyvm guest build --arch x86_64"
+    return None
+
+
+def guest_release() -> str:
+    return json.loads((guest_dir("x86_64") / "manifest.json").read_text())["kernel"]["release"]
+
+
+class Env:
+    def __init__(self, c: Containerd, run_root: Path) -> None:
+        self.c = c
+        self.run_root = run_root
+
+    def run(
+        self, cid: str, *args: str, opts: tuple[str, ...] = (), **kw: object
+    ) -> subprocess.CompletedProcess[str]:
+        return self.c.ctr(
+            "run", "--rm", "--runtime", RUNTIME, *opts, BUSYBOX_REF, cid, *args, timeout=RUN_TIMEOUT, **kw
+        )  # type: ignore[arg-type]
+
+    def leftovers(self) -> list[str]:
+        found = []
+        marker = str(self.run_root).encode()
+        for p in Path("/proc").iterdir():
+            if not p.name.isdigit():
+                continue
+            try:
+                cmd = (p / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if marker in cmd:
+                shown = cmd.replace(b"\0", b" ")[:120]
+                found.append(f"process {p.name}: {shown!r}")
+        found += [f"shim {pid}" for pid in self.c.shim_pids()]
+        with open("/proc/self/mountinfo") as f:
+            found += [f"mount {line.split()[4]}" for line in f if str(self.run_root) in line.split()[4]]
+        sbs = self.run_root / "sbs"
+        if sbs.exists():
+            found += [f"dir {d}" for d in sbs.iterdir()]
+        return found
+
+    def assert_clean(self, within: float = 90.0) -> None:
+        """The shim exits after Shutdown and tears the VM down asynchronously: poll for it."""
+        deadline = time.monotonic() + within
+        while (left := self.leftovers()) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not left, f"left behind: {left}"
+
+
+@pytest.fixture(scope="module")
+def env() -> Iterator[Env]:
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    img = short_base_dir("pyvm-img-")
+    run_root = short_base_dir("pyvm-run-")
+    c = Containerd(extra_path=[VENV_BIN], env={"PYVM_RUN_ROOT": str(run_root)})
+    try:
+        with c:
+            c.import_image(build_busybox_image(img / "bb.tar"))
+            yield Env(c, run_root)
+    finally:
+        shutil.rmtree(img, ignore_errors=True)
+        shutil.rmtree(run_root, ignore_errors=True)
+
+
+@pytest.fixture
+def vm_env(env: Env) -> Iterator[Env]:
+    yield env
+    env.assert_clean()
+
+
+def test_guest_kernel_and_exit_code(vm_env: Env) -> None:
+    r = vm_env.run("kexit", "sh", "-c", "uname -r; exit 7")
+    release = guest_release()
+    assert r.stdout.strip() == release, (r.stdout, r.stderr, vm_env.c.log_tail())
+    assert r.returncode == 7, r.stderr
+    if platform.release() != release:
+        assert r.stdout.strip() != platform.release()  # it really ran in the guest kernel
+
+
+def test_stdin_is_piped(vm_env: Env) -> None:
+    """ctr 1.6 always forwards stdin (no ``-i``); an EOF before the task exists would be lost (with
+    runc too), so the input is written once the task runs."""
+    c = vm_env.c
+    data = "".join(f"line {i}\n" for i in range(5000))  # ~50 KiB: several WriteStdin calls
+    run = c.ctr_popen("run", "--rm", "--runtime", RUNTIME, BUSYBOX_REF, "stdin", "cat", stdin=subprocess.PIPE)
+    try:
+        _wait_running(vm_env, "stdin", run)
+        out, err = run.communicate(data, timeout=RUN_TIMEOUT)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert run.returncode == 0, err
+    assert out == data
+
+
+def _wait_running(vm_env: Env, cid: str, run: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while time.monotonic() < deadline:
+        ls = vm_env.c.ctr("task", "ls").stdout
+        if any(line.split()[:1] == [cid] and "RUNNING" in line for line in ls.splitlines()):
+            return
+        assert run.poll() is None, run.communicate()
+        time.sleep(0.5)
+    raise AssertionError(f"task {cid} never ran")
+
+
+def test_terminal_with_its_size(vm_env: Env) -> None:
+    """``ctr run -t`` in a pty of 33x101: the guest's ``stty size`` sees it (ResizePty works)."""
+    argv = [vm_env.c.ctr_binary, "--address", vm_env.c.address, "run", "--rm", "-t", "--runtime", RUNTIME]
+    argv += [BUSYBOX_REF, "tty1", "sh", "-c", "stty size; tty; echo done-$((6*7))"]
+    pid, fd = pty.fork()
+    if pid == 0:  # child: the pty's slave is our controlling terminal
+        os.execv(argv[0], argv)
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 101, 0, 0))
+    out = b""
+    deadline = time.monotonic() + RUN_TIMEOUT
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 1.0)
+            if ready:
+                try:
+                    chunk = os.read(fd, 4096)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                out += chunk
+        _, status = os.waitpid(pid, 0)
+    finally:
+        os.close(fd)
+        if time.monotonic() >= deadline:
+            os.kill(pid, signal.SIGKILL)
+    text = out.decode(errors="replace")
+    assert "done-42" in text, text
+    assert "33 101" in text, text
+    assert "/dev/pts/" in text or "/dev/console" in text, text
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_exec_pause_resume_metrics_kill(vm_env: Env) -> None:
+    c = vm_env.c
+    run = c.ctr_popen("run", "--rm", "--runtime", RUNTIME, BUSYBOX_REF, "lr", "sleep", "1000")
+    try:
+        _wait_running(vm_env, "lr", run)
+
+        e = c.ctr(
+            "task", "exec", "--exec-id", "e1", "lr", "sh", "-c", "echo from-exec; cat /proc/1/cmdline; exit 3"
+        )
+        assert e.returncode == 3, e.stderr
+        assert e.stdout.startswith("from-exec\nsleep\x001000"), e.stdout
+
+        assert c.ctr("task", "pause", "lr").returncode == 0
+        assert "PAUSED" in c.ctr("task", "ls").stdout
+        assert c.ctr("task", "resume", "lr").returncode == 0
+        assert "RUNNING" in c.ctr("task", "ls").stdout
+        e = c.ctr("task", "exec", "--exec-id", "e2", "lr", "true")
+        assert e.returncode == 0, e.stderr  # it runs again after resume
+
+        m = c.ctr("task", "metrics", "lr")
+        assert m.returncode == 0, m.stderr
+        mem = [line.split() for line in m.stdout.splitlines() if line.startswith("memory.")]
+        assert mem and any(int(v) > 0 for _, v, *_ in mem if v.isdigit()), m.stdout
+
+        ps = c.ctr("task", "ps", "lr")
+        assert ps.returncode == 0, ps.stderr
+
+        # SIGTERM -> 143, on an exec (the init is pid 1 of its namespace: it ignores SIGTERM)
+        sleeper = c.ctr_popen("task", "exec", "--exec-id", "e3", "lr", "sleep", "1000")
+        deadline = time.monotonic() + 60
+        while (k := c.ctr("task", "kill", "--exec-id", "e3", "lr")).returncode != 0:
+            assert time.monotonic() < deadline, k.stderr  # NotFound until the exec was added
+            time.sleep(0.5)
+        sleeper.communicate(timeout=RUN_TIMEOUT)
+        assert sleeper.returncode == 143
+
+        assert c.ctr("task", "kill", "-s", "SIGKILL", "lr").returncode == 0
+        out, err = run.communicate(timeout=RUN_TIMEOUT)
+        assert run.returncode == 137, (out, err)
+    finally:
+        if run.poll() is None:
+            c.ctr("task", "kill", "-s", "SIGKILL", "lr")
+            run.kill()
+            run.wait()
