@@ -25,7 +25,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests" / "unit" / "metrics"))
-from metrics_fakes import HungSocket, cri_annotations, sandbox_id, start_fake_sandbox  # noqa: E402
+from metrics_fakes import (  # noqa: E402
+    FakeSandboxSource,
+    HungSocket,
+    cri_annotations,
+    sandbox_id,
+    start_fake_sandbox,
+)
 
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -90,7 +96,9 @@ async def main() -> int:
         base_times, base_bytes, base_gz = await measure(port, args.rounds)
         for i in range(args.sandboxes):
             ann = cri_annotations(f"web-{i}-5d4f8c9b7-abcde", namespace="default")
-            pods.append(await start_fake_sandbox(root, sandbox_id(i), annotations=ann))
+            # what shim.sandbox.metrics_source reports for a running pod (the agent gives no load)
+            src = FakeSandboxSource(load=None, containers=[sandbox_id(i), sandbox_id(1000 + i)])
+            pods.append(await start_fake_sandbox(root, sandbox_id(i), annotations=ann, source=src))
         for i in range(args.hung):
             hung.append(await HungSocket().start(root / "sbs" / f"hung{i}" / "metrics.sock"))
         times, nbytes, ngz = await measure(port, args.rounds)

@@ -16,7 +16,7 @@ How the shim feeds it (one ``ShimMetrics`` per shim process, its own ``Collector
     closer = await serve_metrics(sandbox_dir.metrics_sock, metrics)   # shim.metrics_server
 
     # in the ttrpc/gRPC interceptor (once, not in each handler):
-    metrics.observe_rpc("Create", Code.OK, seconds)
+    metrics.observe_rpc("Create", Code.OK, seconds)   # polling methods: sum/count only
     # in the event forwarder:
     metrics.event_published(ok=True)
     # sandbox layer:
@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary, generate_latest
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -70,9 +70,10 @@ _log = get_logger("shim.metrics")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # Buckets are few on purpose: every bucket is one line per label set per sandbox in the node
-# monitor's output (budget: < 20 KiB per sandbox). Decades are enough to tell "fast" from "stuck".
-RPC_BUCKETS = (0.005, 0.05, 0.5, 5.0)
-BOOT_BUCKETS = (1.0, 3.0, 10.0, 30.0)  # KVM boots in ~1 s, TCG in 5-10 s (DESIGN.md)
+# monitor's output, and with the monitor's four labels a line is ~230 bytes (budget: < 20 KiB per
+# sandbox, hack/bench-monitor.py). Decades are enough to tell "fast" from "slow" from "stuck".
+RPC_BUCKETS = (0.1, 1.0)  # polls answer in ms; Create boots a VM (seconds)
+BOOT_BUCKETS = (2.0, 5.0, 15.0)  # KVM boots in ~1 s, TCG in 5-10 s (DESIGN.md)
 START_BUCKETS = BOOT_BUCKETS
 HOTPLUG_BUCKETS = (0.1, 1.0, 10.0)
 MONITOR_SCRAPE_BUCKETS = (0.005, 0.025, 0.1, 0.5, 2.0)
@@ -86,6 +87,10 @@ GUEST_MEMINFO_FIELDS = (
     "AnonPages",
     "Shmem",
 )
+#: task RPCs containerd/CRI poll (or long-poll: Wait lasts as long as the process): their latency is
+#: kept as sum and count (``pyvm_shim_poll_rpc_duration_seconds``), not as a histogram — most calls
+#: of a running pod are these, and a histogram per polled method was a third of a pod's lines.
+POLLING_METHODS = frozenset({"State", "Stats", "Pids", "Connect", "Wait"})
 DIRECTIONS = frozenset({"grow", "shrink"})
 MECHANISMS = frozenset({"acpi", "virtio-mem"})
 _REASON_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
@@ -267,9 +272,7 @@ class _HypervisorCollector(Collector):
         self._proc = proc
 
     @staticmethod
-    def _families() -> tuple[
-        GaugeMetricFamily, CounterMetricFamily, GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily
-    ]:
+    def _families() -> tuple[GaugeMetricFamily, CounterMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
         return (
             GaugeMetricFamily(
                 "pyvm_hypervisor_info",
@@ -287,9 +290,6 @@ class _HypervisorCollector(Collector):
                 labels=["process"],
             ),
             GaugeMetricFamily("pyvm_hypervisor_threads", "Threads of the VMM processes.", labels=["process"]),
-            GaugeMetricFamily(
-                "pyvm_hypervisor_open_fds", "File descriptors open in the VMM processes.", labels=["process"]
-            ),
         )
 
     def describe(self) -> Iterable[Metric]:
@@ -299,7 +299,7 @@ class _HypervisorCollector(Collector):
         src = self._ref.source
         if src is None:
             return []
-        info, cpu, rss, threads, fds = self._families()
+        info, cpu, rss, threads = self._families()
         accel = _call("accelerator", src.accelerator)
         version = _call("qemu_version", src.qemu_version)
         if accel is not None or version is not None:
@@ -312,9 +312,7 @@ class _HypervisorCollector(Collector):
             cpu.add_metric([process], st.cpu_seconds)
             rss.add_metric([process], st.rss_bytes)
             threads.add_metric([process], st.threads)
-            if st.open_fds is not None:
-                fds.add_metric([process], st.open_fds)
-        return [m for m in (info, cpu, rss, threads, fds) if m.samples]
+        return [m for m in (info, cpu, rss, threads) if m.samples]
 
 
 class _MemoryCollector(Collector):
@@ -430,8 +428,7 @@ class _PodOverheadCollector(Collector):
         return (
             GaugeMetricFamily(
                 "pyvm_pod_memory_pss_bytes",
-                "Proportional set size of each host process of the pod (shim, qemu, virtiofsd).",
-                labels=["process"],
+                "Proportional set size of the pod's host processes together (shim, qemu, virtiofsd).",
             ),
             GaugeMetricFamily(
                 "pyvm_pod_overhead_memory_bytes",
@@ -449,18 +446,17 @@ class _PodOverheadCollector(Collector):
         pss_family, overhead = self._families()
         total = shmem = 0
         qemu_pid = self._ref.pid("qemu_pid")
-        for process, pid in (
-            ("shim", os.getpid()),
-            ("qemu", qemu_pid),
-            ("virtiofsd", self._ref.pid("virtiofsd_pid")),
-        ):
+        for pid in (os.getpid(), qemu_pid, self._ref.pid("virtiofsd_pid")):  # shim, qemu, virtiofsd
             pss = read_pss(pid, self._proc) if pid else None
             if pss is None:
                 continue
-            pss_family.add_metric([process], pss.pss_bytes)
             total += pss.pss_bytes
             shmem += pss.pss_shmem_bytes
-        out: list[Metric] = [pss_family] if pss_family.samples else []
+        # one number per pod: the per-process split is in pyvm_hypervisor_resident_memory_bytes
+        out: list[Metric] = []
+        if total:
+            pss_family.add_metric([], total)
+            out.append(pss_family)
         state = _call("memory_state", src.memory_state)
         if isinstance(state, MemoryState) and qemu_pid is not None and total:
             given = state.configured_bytes + state.plugged_bytes
@@ -515,10 +511,16 @@ class ShimMetrics:
 
         self.rpc_duration = Histogram(
             "pyvm_shim_rpc_duration_seconds",
-            "Duration of task API RPCs served by the shim, by method and status code.",
+            "Duration of task API RPCs served by the shim (polling ones excluded), by method and status code.",
             ["method", "code"],
             registry=r,
             buckets=RPC_BUCKETS,
+        )
+        self.poll_rpc_duration = Summary(
+            "pyvm_shim_poll_rpc_duration_seconds",
+            "Duration of polling task API RPCs (State, Stats, Pids, Connect, Wait), by method and status code.",
+            ["method", "code"],
+            registry=r,
         )
         self.events_published = Counter(
             "pyvm_shim_events_published_total", "Task events the shim published to containerd.", registry=r
@@ -565,12 +567,12 @@ class ShimMetrics:
             ["direction", "mechanism", "reason"],
             registry=r,
         )
-        self.agent_rpc_duration = Histogram(
+        # sum and count only (mean latency, rate, errors): a histogram here was ~40% of a pod's lines
+        self.agent_rpc_duration = Summary(
             "pyvm_agent_rpc_duration_seconds",
-            "Duration of RPCs the shim made to the guest agent, by method and status code.",
+            "Duration of RPCs the shim made to the guest agent (long polls excluded), by method and status code.",
             ["method", "code"],
             registry=r,
-            buckets=RPC_BUCKETS,
         )
         self.guest_stats_failures = Counter(
             "pyvm_guest_stats_failures_total",
@@ -578,8 +580,6 @@ class ShimMetrics:
             ["reason"],
             registry=r,
         )
-        for reason in ("timeout", "error"):
-            self.guest_stats_failures.labels(reason)
         r.register(_ShimProcessCollector(proc))
         r.register(_HypervisorCollector(self._ref, proc))
         r.register(_MemoryCollector(self._ref))
@@ -597,7 +597,8 @@ class ShimMetrics:
             task.cancel()  # its result would belong to the previous source
 
     def observe_rpc(self, method: str, code: Code | int | str, seconds: float) -> None:
-        self.rpc_duration.labels(method, _code_name(code)).observe(seconds)
+        family = self.poll_rpc_duration if method in POLLING_METHODS else self.rpc_duration
+        family.labels(method, _code_name(code)).observe(seconds)
 
     def event_published(self, ok: bool) -> None:
         (self.events_published if ok else self.events_failed).inc()

@@ -10,6 +10,7 @@ memory mechanism's last known state); ``guest_stats`` is the one that talks to t
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +36,9 @@ log = get_logger("pyvm.sandbox.metrics")
 #: budget for one guest-stats collection (GetMemInfo + one StatsContainer per container), before
 #: the accelerator's speed factor; ShimMetrics waits less than this per scrape and shares the call.
 GUEST_STATS_TIMEOUT = 5.0
+#: set while the metrics collect guest stats: those agent calls are not timed (metrics measuring
+#: their own collection would add series to every pod and skew StatsContainer)
+_collecting: contextvars.ContextVar[bool] = contextvars.ContextVar("pyvm_metrics_collecting", default=False)
 
 
 class VmMetricsSource:
@@ -83,6 +87,7 @@ class VmMetricsSource:
         vm, agent = self._live_vm(), self._sb.agent
         if vm is None or agent is None or agent.closed:
             return None
+        _collecting.set(True)  # guest_stats runs in its own task (ShimMetrics.refresh): stays there
         async with asyncio.timeout(GUEST_STATS_TIMEOUT * vm.accel.speed_factor):
             if self._qemu_version is None and vm.qmp is not None:
                 v = (await vm.qmp.execute("query-version")).get("qemu", {})
@@ -166,7 +171,7 @@ class TimedTtrpc:
         return getattr(self._inner, name)
 
     async def call(self, service: str, method: str, *args: Any, **kwargs: Any) -> Any:
-        if AGENT_TIMEOUTS.get(method, 0) is None:
+        if AGENT_TIMEOUTS.get(method, 0) is None or _collecting.get():
             return await self._inner.call(service, method, *args, **kwargs)
         t0 = time.monotonic()
         code = Code.CANCELLED

@@ -41,7 +41,10 @@ class FakeSandboxSource:
     guest_kernel_reserved: int = 40 * MiB  # MemTotal is a bit less than the RAM given
     guest_delay: float = 0.0
     guest_error: Exception | None = None
-    containers: list[str] = field(default_factory=lambda: ["pause", "app"])
+    #: CRI container ids are 64 hex digits (the pause container's is the sandbox id)
+    containers: list[str] = field(default_factory=lambda: [sandbox_id(900), sandbox_id(901)])
+    #: the real source (shim.sandbox.metrics_source) has no load average: the agent does not report it
+    load: tuple[float, float, float] | None = (0.25, 0.1, 0.05)
     guest_calls: int = 0
 
     def qemu_pid(self) -> int | None:
@@ -86,7 +89,7 @@ class FakeSandboxSource:
                 "Slab": 12 * MiB,
                 "HugePages_Total": 0,  # not exported
             },
-            load=(0.25, 0.1, 0.05),
+            load=self.load,
             containers=[
                 ContainerStats(cid, (8 + 16 * i) * MiB, 0.5 + i, 256 * MiB if i else None)
                 for i, cid in enumerate(self.containers)
@@ -116,13 +119,14 @@ def populate_running_pod(metrics: ShimMetrics, containers: int = 2) -> None:
         for _ in range(n):
             metrics.observe_rpc(method, Code.OK, secs)
     metrics.observe_rpc("Kill", Code.NOT_FOUND, 0.001)
+    # what the real shim times (shim.sandbox.metrics_source.TimedTtrpc: long polls excluded)
     for method, n, secs in (
+        ("CreateSandbox", 1, 0.2),
+        ("GuestDetails", 1, 0.01),
+        ("OnlineMemory", 1, 0.4),
         ("CreateContainer", containers, 0.3),
         ("StartContainer", containers, 0.02),
-        ("WaitProcess", 0, 0.0),
-        ("StatsContainer", 6, 0.003),
-        ("GuestStats", 3, 0.004),
-        ("Check", 5, 0.002),
+        ("StatsContainer", 6, 0.003),  # containerd's Stats (the metrics' own calls are not timed)
     ):
         for _ in range(n):
             metrics.observe_agent_rpc(method, Code.OK, secs)

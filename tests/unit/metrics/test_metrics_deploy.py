@@ -22,6 +22,7 @@ async def declared_sample_names() -> set[str]:
     populate_running_pod(m)
     m.hotplug_failed("grow", "acpi", "timeout")
     m.observe_hotplug("grow", "acpi", 0.1, 1)
+    m.guest_stats_failures.labels("timeout").inc()  # counted only once it happens
     await m.refresh()
     names = set()
     for reg in (m.registry, MonitorMetrics().registry):
