@@ -38,7 +38,10 @@ from shim.guestimage.progress import Progress
 #: bump when the output format changes in a way the source digest would not show
 BUILDER_VERSION = 1
 LAYOUTS = ("disk", "initramfs")
-#: chosen by measuring QEMU start -> agent entry under TCG (see the report in tests/ and the manifest)
+#: "disk" (small busybox initramfs + read-only ext4 root on virtio-blk + tmpfs overlay) won over the
+#: whole rootfs in one 34 MiB zstd initramfs, measured QEMU start -> PYVM-AGENT-ENTRY under TCG with
+#: UEFI (4 paired runs, median): x86_64 OVMF 9.1 s vs 11.5 s, aarch64 AAVMF 7.1 s vs 11.8 s. Also, crun
+#: cannot pivot_root out of an initramfs root (the rootfs mount cannot be pivoted).
 DEFAULT_LAYOUT = "disk"
 #: the agent package files copied into the guest (relative to the repository root)
 AGENT_SOURCES = (
@@ -313,7 +316,7 @@ def _build_locked(arch: Arch, layout: str, force: bool) -> Path:
             shutil.rmtree(bb_root, ignore_errors=True)
             tmp_bb.rename(bb_root)
         busybox = bb_root / "bin" / "busybox"
-        applets = initramfs._busybox_applets(busybox)
+        applets = initramfs.busybox_applets(busybox)
     base = rootfs.build_base(arch, cache, progress, pinned["pins"])
 
     arch_root.mkdir(parents=True, exist_ok=True)

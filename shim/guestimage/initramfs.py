@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gzip
 import io
-import stat
 import subprocess
 from collections.abc import Iterable
 from pathlib import Path
@@ -91,7 +90,7 @@ exec switch_root /newroot /opt/pyvm/bin/pyvm-init
 """
 
 
-def _busybox_applets(busybox: Path) -> list[str]:
+def busybox_applets(busybox: Path) -> list[str]:
     """Every applet name, from ``busybox --list`` (needs binfmt for a foreign busybox)."""
     try:
         out = subprocess.run([str(busybox), "--list"], capture_output=True, text=True, check=True).stdout
@@ -163,7 +162,3 @@ def write_tree_initramfs(out: BinaryIO, root: Path) -> None:
         except ValueError:
             pass
     w.close()
-
-
-def is_executable(path: Path) -> bool:
-    return path.is_file() and bool(path.stat().st_mode & stat.S_IXUSR)
