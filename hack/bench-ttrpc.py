@@ -9,17 +9,20 @@ callers:
 - ``raw``: a blocking socket that writes a pre-encoded frame and reads the answer — the server's
   cost alone, without our client's.
 
-``--runc`` also starts a private containerd 1.6 with one runc task (needs root) and measures its
-runc shim with both callers in the same rounds, alternating, as the reference. ``--interceptor``
-wraps the bare server's handler in the shim's ``task_interceptor``.
+``--containerd`` also starts a private containerd 1.6 with one runc task and one pyvm task (our shim
+through the fake-backend TEST SEAM, as bench-shim does; needs root) and measures both shims with
+both callers in the same rounds, alternating. ``--interceptor`` wraps the bare server's handler in
+the shim's ``task_interceptor``; ``--no-eager`` serves State as a normal (task per call) Method. Besides wall-clock percentiles it reports each server process's CPU
+time per call (utime+stime from /proc), which is far less sensitive to other load on the machine.
 
-Usage: ``.venv/bin/python hack/bench-ttrpc.py [-n 2000] [-r 5] [--runc] [--interceptor]``.
+Usage: ``.venv/bin/python hack/bench-ttrpc.py [-n 2000] [-r 5] [--containerd] [--interceptor]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shutil
 import socket
 import statistics
@@ -46,7 +49,7 @@ _HEADER = struct.Struct(">IIBB")
 # -- server process ----------------------------------------------------------------------------------
 
 
-async def _serve(path: str, interceptor: bool) -> None:
+async def _serve(path: str, interceptor: bool, eager: bool) -> None:
     async def state(req: shim_pb2.StateRequest, ctx: object) -> shim_pb2.StateResponse:
         return shim_pb2.StateResponse(id=req.id, pid=42, status=2, bundle="/run/bundle/" + req.id)
 
@@ -56,7 +59,9 @@ async def _serve(path: str, interceptor: bool) -> None:
 
         kw["interceptor"] = task_interceptor
     server = Server(**kw)
-    server.register(TASK, {"State": Method(shim_pb2.StateRequest, shim_pb2.StateResponse, state)})
+    server.register(
+        TASK, {"State": Method(shim_pb2.StateRequest, shim_pb2.StateResponse, state, eager=eager)}
+    )
     await server.serve_unix(path)
     print("ready", flush=True)
     # Runs until the parent closes our stdin.
@@ -123,68 +128,119 @@ def _pct(samples: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))]
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu(pid: int) -> float:
+    """utime + stime of ``pid`` in seconds (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def _shim_pid(address: str) -> int:
+    """The process listening on the abstract/unix socket ``address`` (ss is in iproute2)."""
+    out = subprocess.run(["ss", "-xlpn"], capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        if address in line and "pid=" in line:
+            return int(line.split("pid=", 1)[1].split(",", 1)[0])
+    raise SystemExit(f"no process listens on {address}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-n", type=int, default=2000, help="calls per round and target")
     ap.add_argument("-r", "--rounds", type=int, default=5)
-    ap.add_argument("--runc", action="store_true", help="also measure containerd's runc shim")
+    ap.add_argument("--containerd", action="store_true", help="also measure the runc shim and our shim")
     ap.add_argument("--interceptor", action="store_true", help="wrap the bare server in task_interceptor")
+    ap.add_argument("--no-eager", action="store_true", help="bare server: State not an eager Method")
+    ap.add_argument("--no-raw", action="store_true", help="only the asyncio client as caller")
     ap.add_argument("--serve", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
-        asyncio.run(_serve(args.serve, args.interceptor))
+        asyncio.run(_serve(args.serve, args.interceptor, not args.no_eager))
         return 0
 
     with ExitStack() as stack:
         tmp = Path(tempfile.mkdtemp(prefix="bt-", dir="/tmp"))
         stack.callback(shutil.rmtree, tmp, True)
         sock = str(tmp / "s.sock")
-        argv = [sys.executable, __file__, "--serve", sock] + (["--interceptor"] if args.interceptor else [])
+        argv = [sys.executable, __file__, "--serve", sock]
+        argv += ["--interceptor"] * args.interceptor + ["--no-eager"] * args.no_eager
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         stack.callback(proc.wait, 10)
         stack.callback(proc.stdin.close)
         if proc.stdout.readline().strip() != "ready":
             raise SystemExit("bench server did not start")
 
-        targets: dict[str, tuple[str, str]] = {"pyvm-ttrpc": (sock, "c1")}
-        if args.runc:
+        # name -> (socket path, container id, server pid)
+        targets: dict[str, tuple[str, str, int]] = {"bare-ttrpc": (sock, "c1", proc.pid)}
+        if args.containerd:
             from tests.helpers.containerd import BUSYBOX_REF, Containerd, build_busybox_image, short_base_dir
 
             reason = Containerd.available()
             if reason:
-                raise SystemExit(f"--runc: {reason}")
+                raise SystemExit(f"--containerd: {reason}")
+            run_root = short_base_dir("bt-run-")
             img = short_base_dir("bt-img-")
+            stack.callback(shutil.rmtree, run_root, True)
             stack.callback(shutil.rmtree, img, True)
-            c = stack.enter_context(Containerd())
+            env = {
+                "PYVM_RUN_ROOT": str(run_root),
+                "PYVM_TEST_BACKEND": "shim.testing.fake_backend:FakeBackend",
+                "PYVM_ENABLE_TEST_SEAMS": "1",
+            }
+            c = stack.enter_context(Containerd(extra_path=[Path(sys.executable).parent], env=env))
             c.import_image(build_busybox_image(img / "bb.tar"))
             c.ctr("run", "-d", BUSYBOX_REF, "runc1", "sleep", "600", check=True)
-            targets["runc-shim"] = (c.shim_address("runc1").removeprefix("unix://"), "runc1")
+            c.ctr(
+                "run",
+                "-d",
+                "--runtime",
+                "io.containerd.pyvm.v2",
+                BUSYBOX_REF,
+                "pyvm1",
+                "sleep",
+                "600",
+                check=True,
+            )
+            for name, cid in (("runc-shim", "runc1"), ("pyvm-shim", "pyvm1")):
+                addr = c.shim_address(cid).removeprefix("unix://")
+                targets[name] = (addr, cid, _shim_pid(addr))
 
         callers: dict[str, Callable[[str, str, int], list[float]]] = {
             "client": lambda p, cid, n: asyncio.run(_client_samples(p, cid, n)),
-            "raw": _raw_samples,
         }
+        if not args.no_raw:
+            callers["raw"] = _raw_samples
         p50: dict[tuple[str, str], list[float]] = {}
         p99: dict[tuple[str, str], list[float]] = {}
+        cpu: dict[tuple[str, str], list[float]] = {}
         for _ in range(args.rounds):
             for caller, fn in callers.items():
-                for target, (path, cid) in targets.items():
+                for target, (path, cid, pid) in targets.items():
+                    c0 = _cpu(pid)
                     samples = fn(path, cid, args.n)
+                    cpu.setdefault((target, caller), []).append((_cpu(pid) - c0) / (args.n + 50))
                     p50.setdefault((target, caller), []).append(_pct(samples, 0.5))
                     p99.setdefault((target, caller), []).append(_pct(samples, 0.99))
-        import os
 
         print(f"{args.rounds} rounds x {args.n} calls; load average {os.getloadavg()[0]:.1f}")
         for (target, caller), v in p50.items():
             print(
-                f"  {target:11s} {caller:6s} p50 median {statistics.median(v) * 1e6:6.1f} us "
+                f"  {target:10s} {caller:6s} p50 {statistics.median(v) * 1e6:6.1f} us "
                 f"(rounds {' '.join(f'{x * 1e6:.0f}' for x in v)}), "
-                f"p99 median {statistics.median(p99[target, caller]) * 1e6:6.1f} us"
+                f"p99 {statistics.median(p99[target, caller]) * 1e6:6.1f} us, "
+                f"server cpu/call {statistics.median(cpu[target, caller]) * 1e6:5.1f} us"
             )
-        if args.runc:
+        if args.containerd:
             for caller in callers:
-                ratios = [a / b for a, b in zip(p50["pyvm-ttrpc", caller], p50["runc-shim", caller], strict=True)]
-                print(f"  ratio pyvm-ttrpc/runc-shim ({caller}): median {statistics.median(ratios):.2f}x")
+                ratios = [
+                    a / b for a, b in zip(p50["pyvm-shim", caller], p50["runc-shim", caller], strict=True)
+                ]
+                print(
+                    f"  ratio pyvm-shim/runc-shim p50 ({caller}): median {statistics.median(ratios):.2f}x "
+                    f"(rounds {' '.join(f'{x:.2f}' for x in ratios)})"
+                )
     return 0
 
 

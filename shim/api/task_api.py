@@ -130,10 +130,18 @@ class TaskAPI:
         }
 
 
+#: Served as eager ttrpc Methods (no task, no timer when they do not suspend): polled constantly,
+#: and synchronous all the way down (interceptor quiet path, ``TaskService.state``, translate).
+EAGER_METHODS = frozenset({"State"})
+
+
 def ttrpc_server(api: TaskAPI) -> Server:
     """A ttrpc ``Server`` serving ``api`` under both task service names, with the interceptor."""
     server = Server(interceptor=task_interceptor)
-    methods = {name: Method(r.request_type, r.response_type, r.handler) for name, r in api.table().items()}
+    methods = {
+        name: Method(r.request_type, r.response_type, r.handler, eager=name in EAGER_METHODS)
+        for name, r in api.table().items()
+    }
     for service in TASK_SERVICES:
         server.register(service, methods)
     return server

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import struct
 from collections.abc import Iterable, Mapping, Sequence
 
 from shim._pb.ttrpc import request_pb2
@@ -42,8 +43,37 @@ def error_response(code: int, message: str) -> bytes:
 
 
 def ok_response(payload: bytes) -> bytes:
-    """A serialized successful ``Response``: no ``status`` field at all, like the Go server."""
-    return request_pb2.Response(payload=payload).SerializeToString()
+    """A serialized successful ``Response``: no ``status`` field at all, like the Go server.
+
+    Encoded by hand (field 2, length-delimited: tag 0x12, varint length, bytes): this is every
+    successful answer, and it is what protobuf would write, byte for byte (pinned by a test).
+    """
+    if not payload:
+        return b""
+    return b"\x12" + varint(len(payload)) + payload
+
+
+def varint(n: int) -> bytes:
+    """Protobuf base-128 varint of ``n >= 0``."""
+    if n < 0x80:
+        return _SMALL_VARINTS[n]
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+_SMALL_VARINTS = [bytes([i]) for i in range(0x80)]
+
+_HEADER = struct.Struct(">IIBB")
+
+
+def frame_bytes(stream_id: int, frame_type: int, data: bytes, flags: int = 0) -> bytes:
+    """Header + ``data``, for callers that checked ``len(data)`` and the header fields themselves
+    (``codec.encode_frame`` is the checking version)."""
+    return _HEADER.pack(len(data), stream_id, frame_type, flags) + data
 
 
 CLOSE_GRACE = 5.0

@@ -1,8 +1,15 @@
 """ttrpc server: unary calls over a unix socket or any asyncio stream (virtio-serial in the guest).
 
-Each Request runs in its own task, so a call that blocks for hours (``Wait``) never holds up the
-others; responses go out in completion order, one whole frame at a time (writes are serialized per
-connection). Protocol errors are confined to the connection that made them.
+Each Request runs concurrently with the others, so a call that blocks for hours (``Wait``) never
+holds up the rest; responses go out in completion order, one whole frame per transport write (so
+frames never interleave). Protocol errors are confined to the connection that made them.
+
+Unix-socket connections are served by an ``asyncio.Protocol`` (bytes go straight from
+``data_received`` through the decoder to dispatch, and responses straight to ``transport.write``);
+``serve_stream`` drives the same connection core from a ``StreamReader``. A handler normally runs in
+its own task. A ``Method`` marked ``eager`` instead starts synchronously inside dispatch: if it
+finishes without suspending (``State``) it is answered with no task and no timer at all; if it
+suspends, the rest of it continues in a task, under its deadline, exactly as a normal call would.
 
 Error mapping (the one place it happens, after the interceptor):
 
@@ -15,18 +22,27 @@ Error mapping (the one place it happens, after the interceptor):
 - an undecodable Request envelope -> the connection is closed;
 - frames of other types (Data, unknown) are ignored: this server is unary only.
 
-When the peer closes (EOF), its in-flight handlers are cancelled, as in Go ttrpc: nobody is left
-to read their answers. ``asyncio.CancelledError`` is never swallowed: cancelled handlers send nothing.
+Requests decoded before a fatal frame are still dispatched; those that finish at once are answered
+before the connection closes. When the peer closes (EOF), its in-flight handlers are cancelled, as
+in Go ttrpc: nobody is left to read their answers. ``asyncio.CancelledError`` is never swallowed:
+cancelled handlers send nothing. (A handler that raises ``CancelledError`` on its own, without its
+task being cancelled, is answered CANCELLED.)
+
+Flow control: while the peer does not read (the transport's write buffer is over its high-water
+mark) a unix connection stops reading requests, and handlers that finish wait for the buffer to
+drain before they complete; ``serve_stream`` drains before every read.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections.abc
+import contextvars
 import functools
 import os
 import socket
 import struct
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,22 +51,25 @@ from google.protobuf.message import DecodeError, Message
 from shim._pb.ttrpc import request_pb2
 from shim.errors import AlreadyExists, Code, ShimError, to_status
 from shim.log import get_logger
-from shim.ttrpc._wire import READ_CHUNK, close_writer, error_response, metadata_from_wire, ok_response
-from shim.ttrpc.codec import (
-    MAX_MESSAGE_SIZE,
-    Frame,
-    FrameDecoder,
-    FrameType,
-    ProtocolError,
-    encode_frame,
+from shim.ttrpc import _wire
+from shim.ttrpc._wire import (
+    READ_CHUNK,
+    close_writer,
+    error_response,
+    frame_bytes,
+    metadata_from_wire,
+    ok_response,
 )
+from shim.ttrpc.codec import MAX_MESSAGE_SIZE, FrameDecoder, FrameType, ProtocolError
 
 log = get_logger(__name__)
 
 _UCRED = struct.Struct("3i")
+_REQUEST = FrameType.REQUEST.value
+_RESPONSE = FrameType.RESPONSE.value
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CallContext:
     """What a handler knows about its call. ``timeout`` is in seconds (``None``: no deadline)."""
 
@@ -62,11 +81,18 @@ class CallContext:
 
 @dataclass(frozen=True)
 class Method:
-    """One RPC: how to decode its request, what it returns, and the coroutine that serves it."""
+    """One RPC: how to decode its request, what it returns, and the coroutine that serves it.
+
+    ``eager``: start the handler (and the interceptor around it) synchronously when its request is
+    dispatched, instead of in a new task. Until its first suspension it then runs outside any task,
+    so it must not need ``asyncio.current_task()`` before its first ``await`` that suspends (no
+    ``asyncio.timeout``/``TaskGroup`` there). Worth it for cheap, mostly synchronous polling calls.
+    """
 
     request_type: type[Message]
     response_type: type[Message]
     handler: Callable[[Any, CallContext], Awaitable[Any]]
+    eager: bool = False
 
 
 Interceptor = Callable[[CallContext, Message, Callable[[], Awaitable[Message]]], Awaitable[Message]]
@@ -110,18 +136,20 @@ class Server:
         self, path: str | os.PathLike[str] | None = None, *, sock: socket.socket | None = None
     ) -> None:
         """Listen on the unix socket ``path`` (or take ``sock``, already bound and listening, e.g.
-        fd 3 handed over by the shim's ``start``); return once listening. Connections are served in
-        background tasks until ``close()``. Raises ``OSError`` if the socket cannot be set up and
-        ``ValueError`` unless exactly one of ``path`` and ``sock`` is given.
+        fd 3 handed over by the shim's ``start``); return once listening. Connections are served
+        until ``close()``. Raises ``OSError`` if the socket cannot be set up and ``ValueError``
+        unless exactly one of ``path`` and ``sock`` is given.
         """
         if (path is None) == (sock is None):
             raise ValueError("serve_unix needs exactly one of path and sock")
         if self._closed:
             raise RuntimeError("server is closed")
+        loop = asyncio.get_running_loop()
+        factory = functools.partial(_ServerProtocol, self)
         if path is not None:
-            listener = await asyncio.start_unix_server(self._on_unix_connection, path=os.fspath(path))
+            listener = await loop.create_unix_server(factory, path=os.fspath(path))
         else:
-            listener = await asyncio.start_unix_server(self._on_unix_connection, sock=sock)
+            listener = await loop.create_unix_server(factory, sock=sock)
         self._listeners.append(listener)
 
     async def serve_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -130,7 +158,15 @@ class Server:
         Returns normally in all those cases (and closes ``writer``); raises ``CancelledError`` only
         if the calling task itself is cancelled, after cancelling the connection's handlers.
         """
-        await self._run_connection(reader, writer)
+        if self._closed:
+            writer.close()
+            return
+        conn = _StreamConnection(self, reader, writer)
+        self._connections.add(conn)
+        try:
+            await conn.run()
+        finally:
+            self._connections.discard(conn)
 
     async def close(self) -> None:
         """Stop accepting, cancel in-flight handlers (they answer nothing), close every connection.
@@ -149,28 +185,6 @@ class Server:
             await listener.wait_closed()
         self._listeners.clear()
 
-    # -- internals ---------------------------------------------------------------------------------
-
-    async def _on_unix_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._require_same_uid:
-            refused = _peer_refusal(writer)
-            if refused is not None:
-                log.warning("ttrpc connection refused", reason=refused)
-                writer.close()
-                return
-        await self._run_connection(reader, writer)
-
-    async def _run_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._closed:
-            writer.close()
-            return
-        conn = _Connection(self, reader, writer)
-        self._connections.add(conn)
-        try:
-            await conn.run()
-        finally:
-            self._connections.discard(conn)
-
     def _lookup(self, service: str, method: str) -> Method | tuple[Code, str]:
         methods = self._services.get(service)
         if methods is None:
@@ -181,9 +195,10 @@ class Server:
         return m
 
 
-def _peer_refusal(writer: asyncio.StreamWriter) -> str | None:
-    """Why the peer may not talk to us, or ``None``. Root and our own uid are allowed."""
-    sock = writer.get_extra_info("socket")
+def _peer_refusal(transport: Any) -> str | None:
+    """Why the peer of ``transport`` (anything with ``get_extra_info``) may not talk to us, or
+    ``None``. Root and our own uid are allowed."""
+    sock = transport.get_extra_info("socket")
     if sock is None or sock.family != socket.AF_UNIX:
         return None
     try:
@@ -195,29 +210,400 @@ def _peer_refusal(writer: asyncio.StreamWriter) -> str | None:
     return f"peer uid {uid} is not {os.geteuid()}"
 
 
-class _Connection:
-    """One connection's read loop and handler tasks. The read loop owns the decoder; ``_send`` owns
-    the writer (under ``_write_lock``); ``_handlers`` maps a stream id to the task answering it.
+class _Call:
+    """One in-flight request: its stream id, context, deadline and (once it needs one) its task."""
+
+    __slots__ = ("ctx", "deadline", "expired", "sid", "task", "timer")
+
+    def __init__(self, sid: int, ctx: CallContext, deadline: float | None) -> None:
+        self.sid = sid
+        self.ctx = ctx
+        self.deadline = deadline
+        self.expired = False
+        self.task: asyncio.Task[None] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    def expire(self) -> None:
+        """Timer callback: the request's deadline passed; cancel its task (see ``_serve_call``)."""
+        self.timer = None
+        if self.task is not None and not self.task.done():
+            self.expired = True
+            self.task.cancel()
+
+
+class _Continue(collections.abc.Coroutine):  # type: ignore[type-arg]
+    """Hands a coroutine that already ran its first step (eagerly, outside any task) to a Task.
+
+    The Task's first ``send(None)`` gets back what the coroutine yielded then (the future it waits
+    on); everything after — sends, and cancellation thrown in, even before the Task's first step —
+    goes to the coroutine itself, as if the Task had run it from the start.
     """
 
-    def __init__(self, server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    __slots__ = ("_coro", "_first")
+
+    _NOTHING: Any = object()
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], first: Any) -> None:
+        self._coro = coro
+        self._first = first
+
+    def send(self, value: Any) -> Any:
+        first = self._first
+        if first is not self._NOTHING:
+            self._first = self._NOTHING
+            return first
+        return self._coro.send(value)
+
+    def throw(self, *args: Any) -> Any:
+        self._first = self._NOTHING
+        return self._coro.throw(*args)
+
+    def close(self) -> None:
+        self._coro.close()
+
+    def __await__(self) -> Any:
+        return self
+
+    def __iter__(self) -> Any:
+        return self
+
+    def __next__(self) -> Any:
+        return self.send(None)
+
+
+class _Connection:
+    """The transport-independent part of one connection: decoding, dispatch, handler bookkeeping.
+
+    The transport side (a ``_ServerProtocol`` or ``_StreamConnection``) feeds bytes to ``feed``,
+    provides ``_write``/``_writable``/``_drain`` and ends the connection. ``_handlers`` maps a
+    stream id to the task answering it (calls that finished eagerly never get one).
+    """
+
+    def __init__(self, server: Server, peer: Any) -> None:
         self._server = server
+        self._services = server._services
+        self._interceptor = server._interceptor
+        self._max_size = server.max_message_size
+        self._decoder = FrameDecoder(server.max_message_size)
+        self._handlers: dict[int, asyncio.Task[None]] = {}
+        self._loop = asyncio.get_running_loop()
+        self.done = asyncio.Event()
+        self._log = log.bind(peer=peer or None)
+
+    # -- transport side ---------------------------------------------------------------------------
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def _write(self, data: bytes) -> None:
+        """Queue ``data`` on the transport (never blocks); dropped if the transport is closing."""
+        raise NotImplementedError
+
+    def _must_drain(self) -> bool:
+        raise NotImplementedError
+
+    async def _drain(self) -> None:
+        raise NotImplementedError
+
+    # -- decoding and dispatch ----------------------------------------------------------------------
+
+    def feed(self, data: bytes) -> bool:
+        """Handle what the transport delivered; ``False`` means the connection must be closed."""
+        try:
+            frames = self._decoder.feed(data)
+        except ProtocolError as exc:
+            for frame in exc.frames:
+                if not self._dispatch(frame.stream_id, frame.type, frame.data):
+                    return False
+            self._send_status(exc.stream_id, Code.RESOURCE_EXHAUSTED, str(exc))
+            self._log.warning("ttrpc connection closed", reason=str(exc), stream_id=exc.stream_id)
+            return False
+        for frame in frames:
+            if not self._dispatch(frame.stream_id, frame.type, frame.data):
+                return False
+        return True
+
+    def _dispatch(self, sid: int, ftype: int, data: bytes) -> bool:
+        """Handle one frame; ``False`` means the connection must be closed."""
+        if ftype != _REQUEST:
+            return True  # Data frames and unknown types: ignored (unary server, forward compat)
+        try:
+            req = request_pb2.Request.FromString(data)
+        except DecodeError as exc:
+            self._log.warning("ttrpc connection closed", reason=f"undecodable request: {exc}", stream_id=sid)
+            return False
+        if not sid & 1:
+            self._send_status(sid, Code.INVALID_ARGUMENT, "StreamID must be odd for client initiated streams")
+            return True
+        if sid in self._handlers:
+            self._log.warning(
+                "ttrpc connection closed", reason="stream id reused while active", stream_id=sid
+            )
+            return False
+        service = req.service
+        name = req.method
+        methods = self._services.get(service)
+        method = methods.get(name) if methods is not None else None
+        if method is None:
+            self._send_status(sid, *self._server._lookup(service, name))  # type: ignore[misc]
+            return True
+        try:
+            request = method.request_type.FromString(req.payload)
+        except DecodeError as exc:
+            self._send_status(sid, Code.INVALID_ARGUMENT, f"cannot decode {name} request: {exc}")
+            return True
+        timeout_nano = req.timeout_nano
+        timeout = timeout_nano / 1e9 if timeout_nano > 0 else None
+        ctx = CallContext(service, name, metadata_from_wire(req.metadata) if req.metadata else {}, timeout)
+        call = _Call(sid, ctx, self._loop.time() + timeout if timeout is not None else None)
+        coro = self._serve_call(call, method, request)
+        if method.eager:
+            self._start_eagerly(call, coro)
+        else:
+            self._start_task(call, coro, None)
+        return True
+
+    def _start_eagerly(self, call: _Call, coro: Coroutine[Any, Any, None]) -> None:
+        # A context of its own, as a task would have: the handler may bind contextvars.
+        context = contextvars.copy_context()
+        try:
+            yielded = context.run(coro.send, None)
+        except StopIteration:
+            return  # answered already
+        except asyncio.CancelledError:
+            # The handler raised it on its own (no task of ours was cancelled): it has been
+            # answered CANCELLED by _serve_call; there is no task to propagate it to.
+            return
+        self._start_task(call, _Continue(coro, yielded), context)
+
+    def _start_task(
+        self, call: _Call, coro: Coroutine[Any, Any, None], context: contextvars.Context | None
+    ) -> None:
+        ctx = call.ctx
+        task = self._loop.create_task(
+            coro, name=f"ttrpc {ctx.service}/{ctx.method} #{call.sid}", context=context
+        )
+        call.task = task
+        if call.deadline is not None:
+            call.timer = self._loop.call_at(call.deadline, call.expire)
+        self._handlers[call.sid] = task
+        task.add_done_callback(functools.partial(self._forget, call.sid))
+
+    def _forget(self, sid: int, _task: asyncio.Task[None]) -> None:
+        self._handlers.pop(sid, None)
+
+    async def _serve_call(self, call: _Call, method: Method, request: Message) -> None:
+        """Run the handler (through the interceptor) and answer ``call``.
+
+        Runs in ``call.task``, or — for an eager method — first outside any task, then in the task
+        ``_start_eagerly`` made when it suspended. ``call.task`` is ``None`` while outside a task,
+        and the deadline is only armed (``call.timer``) once there is a task to cancel: a handler
+        that never suspends cannot be interrupted anyway.
+        """
+        ctx = call.ctx
+        try:
+            try:
+                if self._interceptor is not None:
+                    response = await self._interceptor(
+                        ctx, request, functools.partial(method.handler, request, ctx)
+                    )
+                else:
+                    response = await method.handler(request, ctx)
+                body = ok_response(response.SerializeToString())
+            except asyncio.CancelledError:
+                task = call.task
+                if call.expired and task is not None and task.uncancel() == 0:
+                    body = error_response(Code.DEADLINE_EXCEEDED, "context deadline exceeded")
+                elif task is None or not task.cancelling():
+                    # Cancelled from inside the handler, not by us: the caller still deserves an answer.
+                    self._send_status(call.sid, Code.CANCELLED, "handler was cancelled")
+                    raise
+                else:
+                    raise
+            except TimeoutError as exc:
+                body = error_response(Code.DEADLINE_EXCEEDED, str(exc) or "timed out")
+            except ShimError as exc:
+                body = error_response(*to_status(exc))
+            except Exception as exc:
+                self._log.exception("ttrpc handler failed", service=ctx.service, method=ctx.method)
+                body = error_response(*to_status(exc))
+        finally:
+            if call.timer is not None:
+                call.timer.cancel()
+                call.timer = None
+        self._respond(call.sid, body)
+        if call.task is not None and self._must_drain():
+            await self._drain()
+
+    def _send_status(self, sid: int, code: int, message: str) -> None:
+        self._respond(sid, error_response(code, message))
+
+    def _respond(self, sid: int, body: bytes) -> None:
+        """Write one Response frame; a response too big for the peer becomes RESOURCE_EXHAUSTED."""
+        if len(body) > self._max_size:
+            body = error_response(
+                Code.RESOURCE_EXHAUSTED,
+                f"response too large: message length {len(body)} exceeds maximum message size "
+                f"of {self._max_size}",
+            )
+        self._write(frame_bytes(sid, _RESPONSE, body))
+
+    def _cancel_handlers(self) -> list[asyncio.Task[None]]:
+        tasks = list(self._handlers.values())
+        for t in tasks:
+            t.cancel()
+        return tasks
+
+
+class _ServerProtocol(asyncio.Protocol, _Connection):
+    """A unix-socket connection: the event loop calls us with bytes; we write to the transport.
+
+    ``_paused`` mirrors the transport's write flow control; while it is set we also stop reading,
+    so a peer that does not read its answers cannot make us queue unbounded responses.
+    """
+
+    def __init__(self, server: Server) -> None:
+        self._server = server
+        self._transport: asyncio.Transport | None = None
+        self._paused = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._lost: asyncio.Future[None] | None = None
+        self._closing = False
+        self._ended = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        server = self._server
+        if server._require_same_uid:
+            refused = _peer_refusal(transport)
+            if refused is not None:
+                log.warning("ttrpc connection refused", reason=refused)
+                self._ended = True
+                transport.close()
+                return
+        if server._closed:
+            self._ended = True
+            transport.close()
+            return
+        _Connection.__init__(self, server, transport.get_extra_info("peername"))
+        self._lost = self._loop.create_future()
+        server._connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing or self._ended:
+            return
+        if not self.feed(data):
+            self._close()
+
+    def eof_received(self) -> bool:
+        if not self._closing and self._decoder.buffered:
+            self._log.warning(
+                "ttrpc connection closed", reason="EOF inside a frame", buffered=self._decoder.buffered
+            )
+        self._close()
+        return True  # keep the transport; _shutdown closes it once handlers are done
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._ended:
+            return
+        if exc is not None and not self._closing:
+            self._log.debug("ttrpc connection read failed", error=str(exc))
+        self._wake_drainers()
+        if self._lost is not None and not self._lost.done():
+            self._lost.set_result(None)
+        self._close()
+
+    def pause_writing(self) -> None:
+        self._paused = True
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        self._wake_drainers()
+        if self._transport is not None and not self._closing:
+            self._transport.resume_reading()
+
+    def _wake_drainers(self) -> None:
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+
+    def abort(self) -> None:
+        self._close()
+
+    def _write(self, data: bytes) -> None:
+        t = self._transport
+        if t is not None and not t.is_closing():
+            t.write(data)
+
+    def _must_drain(self) -> bool:
+        return self._paused
+
+    async def _drain(self) -> None:
+        if self._paused and self._lost is not None and not self._lost.done():
+            w = self._loop.create_future()
+            self._drain_waiters.append(w)
+            await w
+
+    def _close(self) -> None:
+        """Stop reading; in a task (so that handler tasks queued by this very callback run their
+        first step first), cancel the handlers, then close the transport."""
+        if self._closing or self._ended:
+            return
+        self._closing = True
+        self._loop.create_task(self._shutdown(), name="ttrpc-server-close")
+
+    async def _shutdown(self) -> None:
+        transport = self._transport
+        assert transport is not None and self._lost is not None
+        try:
+            tasks = self._cancel_handlers()
+            if tasks:
+                await asyncio.wait(tasks)
+            transport.close()  # flushes what is buffered, then connection_lost
+            try:
+                await asyncio.wait_for(asyncio.shield(self._lost), _wire.CLOSE_GRACE)
+            except TimeoutError:
+                transport.abort()
+                await self._lost
+        finally:
+            self._ended = True
+            self._server._connections.discard(self)
+            self.done.set()
+
+
+class _StreamConnection(_Connection):
+    """A connection over a ``StreamReader``/``StreamWriter`` pair (the guest agent's virtio-serial
+    port, socketpairs): a read task feeds the core; writes go to the ``StreamWriter``."""
+
+    def __init__(self, server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        super().__init__(server, writer.get_extra_info("peername"))
         self._reader = reader
         self._writer = writer
-        self._decoder = FrameDecoder(server.max_message_size)
-        self._write_lock = asyncio.Lock()
-        self._handlers: dict[int, asyncio.Task[None]] = {}
         self._read_task: asyncio.Task[None] | None = None
         self._aborted = False
-        self.done = asyncio.Event()
-        peer = writer.get_extra_info("peername")
-        self._log = log.bind(peer=peer or None)
 
     def abort(self) -> None:
         """Make ``run`` wind down: stop reading, cancel handlers."""
         self._aborted = True
         if self._read_task is not None:
             self._read_task.cancel()
+
+    def _write(self, data: bytes) -> None:
+        if not self._writer.is_closing():
+            self._writer.write(data)
+
+    def _must_drain(self) -> bool:
+        return True
+
+    async def _drain(self) -> None:
+        try:
+            await self._writer.drain()
+        except (OSError, RuntimeError) as exc:
+            self._log.debug("ttrpc response not delivered", error=str(exc))
 
     async def run(self) -> None:
         try:
@@ -235,9 +621,10 @@ class _Connection:
             await self._teardown()
 
     async def _teardown(self) -> None:
-        tasks = [t for t in (self._read_task, *self._handlers.values()) if t is not None]
-        for t in tasks:
-            t.cancel()
+        tasks = self._cancel_handlers()
+        if self._read_task is not None:
+            self._read_task.cancel()
+            tasks.append(self._read_task)
         if tasks:
             await asyncio.wait(tasks)
         try:
@@ -260,120 +647,10 @@ class _Connection:
                         buffered=self._decoder.buffered,
                     )
                 return
-            try:
-                frames = self._decoder.feed(data)
-            except ProtocolError as exc:
-                for frame in exc.frames:
-                    if not await self._dispatch(frame):
-                        return
-                await self._send_status(exc.stream_id, Code.RESOURCE_EXHAUSTED, str(exc))
-                self._log.warning("ttrpc connection closed", reason=str(exc), stream_id=exc.stream_id)
+            if not self.feed(data):
                 return
-            for frame in frames:
-                if not await self._dispatch(frame):
-                    return
-
-    async def _dispatch(self, frame: Frame) -> bool:
-        """Handle one frame; ``False`` means the connection must be closed."""
-        if frame.type != FrameType.REQUEST:
-            return True  # Data frames and unknown types: ignored (unary server, forward compat)
-        try:
-            req = request_pb2.Request.FromString(frame.data)
-        except DecodeError as exc:
-            self._log.warning(
-                "ttrpc connection closed", reason=f"undecodable request: {exc}", stream_id=frame.stream_id
-            )
-            return False
-        sid = frame.stream_id
-        if sid % 2 != 1:
-            await self._send_status(
-                sid, Code.INVALID_ARGUMENT, "StreamID must be odd for client initiated streams"
-            )
-            return True
-        if sid in self._handlers:
-            self._log.warning(
-                "ttrpc connection closed", reason="stream id reused while active", stream_id=sid
-            )
-            return False
-        found = self._server._lookup(req.service, req.method)
-        if isinstance(found, tuple):
-            await self._send_status(sid, *found)
-            return True
-        ctx = CallContext(
-            service=req.service,
-            method=req.method,
-            metadata=metadata_from_wire(req.metadata),
-            timeout=req.timeout_nano / 1e9 if req.timeout_nano > 0 else None,
-        )
-        task = asyncio.create_task(
-            self._handle(sid, found, ctx, req.payload), name=f"ttrpc {req.service}/{req.method} #{sid}"
-        )
-        self._handlers[sid] = task
-        task.add_done_callback(functools.partial(self._forget, sid))
-        return True
-
-    def _forget(self, sid: int, _task: asyncio.Task[None]) -> None:
-        self._handlers.pop(sid, None)
-
-    async def _handle(self, sid: int, method: Method, ctx: CallContext, payload: bytes) -> None:
-        try:
-            request = method.request_type.FromString(payload)
-        except DecodeError as exc:
-            await self._send_status(sid, Code.INVALID_ARGUMENT, f"cannot decode {ctx.method} request: {exc}")
-            return
-
-        async def call_next() -> Message:
-            return await method.handler(request, ctx)
-
-        interceptor = self._server._interceptor
-        try:
-            async with asyncio.timeout(ctx.timeout) as deadline:
-                if interceptor is not None:
-                    response = await interceptor(ctx, request, call_next)
-                else:
-                    response = await call_next()
-            data = response.SerializeToString()
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is None or not task.cancelling():
-                # Cancelled from inside the handler, not by us: the caller still deserves an answer.
-                await self._send_status(sid, Code.CANCELLED, "handler was cancelled")
-            raise
-        except TimeoutError as exc:
-            msg = "context deadline exceeded" if deadline.expired() else (str(exc) or "timed out")
-            await self._send_status(sid, Code.DEADLINE_EXCEEDED, msg)
-            return
-        except ShimError as exc:
-            await self._send_status(sid, *to_status(exc))
-            return
-        except Exception as exc:
-            self._log.exception("ttrpc handler failed", service=ctx.service, method=ctx.method)
-            await self._send_status(sid, *to_status(exc))
-            return
-        await self._send(sid, ok_response(data))
-
-    async def _send_status(self, sid: int, code: int, message: str) -> None:
-        await self._send(sid, error_response(code, message))
-
-    async def _send(self, sid: int, body: bytes) -> None:
-        """Write one Response frame; a response too big for the peer becomes RESOURCE_EXHAUSTED.
-
-        Write errors are dropped: the connection is going away and the read loop will notice.
-        """
-        max_size = self._server.max_message_size
-        try:
-            data = encode_frame(Frame(sid, FrameType.RESPONSE, 0, body), max_size)
-        except ShimError as exc:
-            body = error_response(Code.RESOURCE_EXHAUSTED, f"response too large: {exc}")
-            data = encode_frame(Frame(sid, FrameType.RESPONSE, 0, body), max_size)
-        async with self._write_lock:
-            if self._writer.is_closing():
-                return
-            try:
-                self._writer.write(data)
-                await self._writer.drain()
-            except (OSError, RuntimeError) as exc:
-                self._log.debug("ttrpc response not delivered", stream_id=sid, error=str(exc))
+            # Answers written by eager calls: let them drain before reading more requests.
+            await self._drain()
 
 
 __all__ = ["CallContext", "Interceptor", "Method", "Server"]
