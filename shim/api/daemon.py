@@ -115,6 +115,7 @@ def serve(flags: bootstrap.Flags) -> int:
 
 async def _serve(flags: bootstrap.Flags, bundle: str) -> None:
     member = bundle_membership(flags.id, bundle)
+    shimlog.bind_contextvars(sandbox_id=member.sandbox_id)  # every line of this daemon carries it
     sdir = paths.SandboxDir.for_sandbox(member.sandbox_id)
     proto = bootstrap.protocol()
     sock_path = flags.socket or bootstrap.socket_path(flags.address, flags.namespace, member.sandbox_id)

@@ -42,7 +42,7 @@ from shim.errors import (
     ShimError,
     Unavailable,
 )
-from shim.hypervisor.qemu.driver import ExitInfo, QemuVM
+from shim.hypervisor.qemu.driver import ExitInfo, QemuVM, keep_logs, postmortem_dir
 from shim.log import get_logger
 from shim.metrics import ShimMetrics
 from shim.paths import SHARE_TAG, SandboxDir
@@ -221,9 +221,15 @@ class VmSandbox:
             await vm.start()
             t1 = time.monotonic()
             deadline = t1 + vm.timeouts.boot + vm.timeouts.agent
-            agent = await wait_ready(
-                vm.agent_socket_path, deadline=deadline, timeout_factor=verdict.speed_factor
-            )
+            try:
+                agent = await wait_ready(
+                    vm.agent_socket_path, deadline=deadline, timeout_factor=verdict.speed_factor
+                )
+            except ShimError as exc:  # the guest never answered: keep its logs past the cleanup
+                kept = keep_logs(self.sdir)
+                if kept is not None:
+                    exc.message += f" (VM logs kept in {kept})"
+                raise
             if self.metrics is not None:
                 agent.ttrpc = TimedTtrpc(agent.ttrpc, self.metrics)  # type: ignore[assignment]
             self.agent = agent
@@ -257,7 +263,7 @@ class VmSandbox:
             "the sandbox VM died: every process is reported killed (137)",
             sandbox_id=self.sandbox_id,
             qemu=info.description,
-            console_log=str(self.sdir.console_log),
+            console_log=str(postmortem_dir(self.sdir) / "console.log"),  # QemuVM kept the logs
             console_tail=info.console_tail[-1500:],
             qemu_log_tail=info.qemu_log_tail[-1500:],
         )
@@ -271,7 +277,7 @@ class VmSandbox:
             info = self._dead.result()
             raise Unavailable(
                 f"the VM of sandbox {self.sandbox_id} is gone (QEMU {info.description}); "
-                f"see {self.sdir.console_log}"
+                f"see {postmortem_dir(self.sdir) / 'console.log'}"
             )
 
     def _agent(self) -> AgentClient:

@@ -19,9 +19,12 @@ Unexpected death: a watcher task awaits QEMU's exit (kernel notification, ms lat
 while not being stopped, the VM cleans up (virtiofsd, sockets, files), resolves ``exited`` with
 ``unexpected=True`` and calls ``on_exit(info)``. Every later call raises ``Unavailable``.
 
-Files: everything lives in ``SandboxDir``; ``console.log``, ``qemu.log`` and ``virtiofsd.log`` are kept
-after stop for post-mortems (the sandbox layer removes the directory); sockets, pid files and the
-efivars copy are removed. The share directory is created if missing and removed if we created it and
+Files: everything lives in ``SandboxDir``; ``console.log``, ``qemu.log``, ``virtiofsd.log`` and
+``guest.log`` (the agent's log port) are kept after stop for post-mortems (the sandbox layer removes
+the directory); sockets, pid files and the efivars copy are removed. After a failure (QEMU did not
+come up, died, or the guest never answered) ``keep_logs()`` copies those logs to
+``postmortem_dir(sdir)``, outside the sandbox directory, so they outlive the shim; the launch error
+and the death report name that copy. The share directory is created if missing and removed if we created it and
 it is empty at stop.
 """
 
@@ -69,6 +72,41 @@ class ExitInfo:
     console_tail: str = ""
     qemu_log_tail: str = ""
     at: float = 0.0
+
+
+#: biggest part of each log file kept after a failure (the end of it)
+POSTMORTEM_MAX_BYTES = 1 << 20
+
+
+def postmortem_dir(sdir: SandboxDir) -> Path:
+    """Where a failed sandbox's logs are kept: ``<run root>/postmortem/<sandbox id>/`` (a sibling of
+    ``sbs/``, which the sandbox's cleanup removes and ``pyvm monitor`` scans)."""
+    return sdir.root.parent.parent / "postmortem" / sdir.sandbox_id
+
+
+def keep_logs(sdir: SandboxDir) -> Path | None:
+    """Copy the VM's logs (the last ``POSTMORTEM_MAX_BYTES`` of each) to ``postmortem_dir(sdir)``.
+
+    Returns the directory, or ``None`` when there was nothing to keep or it could not be written
+    (logged: a post-mortem must never hide the original error).
+    """
+    dest = postmortem_dir(sdir)
+    kept = 0
+    try:
+        for src in (sdir.console_log, sdir.qemu_log, sdir.virtiofsd_log, sdir.guest_log):
+            try:
+                with open(src, "rb") as f:
+                    f.seek(max(0, os.fstat(f.fileno()).st_size - POSTMORTEM_MAX_BYTES))
+                    data = f.read(POSTMORTEM_MAX_BYTES)
+            except FileNotFoundError:
+                continue
+            dest.mkdir(mode=0o700, parents=True, exist_ok=True)
+            (dest / src.name).write_bytes(data)
+            kept += 1
+    except OSError as exc:
+        log.error("cannot keep the VM logs", sandbox_id=sdir.sandbox_id, dest=str(dest), error=str(exc))
+        return None
+    return dest if kept else None
 
 
 class QemuVM:
@@ -160,9 +198,14 @@ class QemuVM:
             self.boot_started = time.monotonic()
             try:
                 await self._start()
-            except BaseException:
+            except BaseException as exc:
                 await self._teardown(graceful=False)
                 self.state = VMState.STOPPED
+                if isinstance(exc, ShimError):
+                    kept = keep_logs(self.sdir)
+                    if kept is not None:
+                        exc.message += f" (VM logs kept in {kept})"
+                        exc.facts["logs"] = str(kept)
                 raise
             self.state = VMState.RUNNING
 
@@ -321,6 +364,7 @@ class QemuVM:
                 sandbox_id=self.sdir.sandbox_id,
                 status=info.description,
                 qemu_log=info.qemu_log_tail[-2000:],
+                logs_kept=str(keep_logs(self.sdir)),
             )
             self.state = VMState.STOPPING
             # clean up behind the dead QEMU without waiting for a caller
@@ -413,4 +457,13 @@ def kill_leftovers(sdir: SandboxDir) -> None:
                 os.kill(pid, signal.SIGKILL)
 
 
-__all__ = ["ExitInfo", "QemuVM", "VMState", "kill_leftovers", "virtiofsd_pidfile"]
+__all__ = [
+    "POSTMORTEM_MAX_BYTES",
+    "ExitInfo",
+    "QemuVM",
+    "VMState",
+    "keep_logs",
+    "kill_leftovers",
+    "postmortem_dir",
+    "virtiofsd_pidfile",
+]
