@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import functools
 import os
 import signal
 import time
@@ -20,6 +22,21 @@ from shim.errors import VMLaunchFailure
 from shim.log import get_logger
 
 log = get_logger("pyvm.hypervisor.process")
+
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _die_with(parent: int) -> None:
+    """Runs in the child between fork and exec: SIGKILL us when the shim that spawned us dies.
+
+    A shim that is SIGKILLed (or crashes) can no longer stop its VM; containerd then treats the pod's
+    tasks as dead anyway, so a QEMU or virtiofsd left behind would only leak memory and CPU. The
+    getppid() check closes the race where the shim died before prctl ran.
+    """
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def tail(path: Path | None, lines: int = 20, max_bytes: int = 16384) -> str:
@@ -102,6 +119,9 @@ class Child:
 async def spawn(name: str, argv: Sequence[str], log_path: Path) -> Child:
     """Start ``argv`` with stdin from /dev/null and stdout+stderr appended to ``log_path``.
 
+    The child gets its own session (signals to the shim's group do not reach it) and is killed when
+    the shim process dies (PR_SET_PDEATHSIG), so no VM outlives its shim.
+
     Raises VMLaunchFailure if the binary cannot be executed at all.
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -114,6 +134,7 @@ async def spawn(name: str, argv: Sequence[str], log_path: Path) -> Child:
                 stdout=out,
                 stderr=out,
                 start_new_session=True,
+                preexec_fn=functools.partial(_die_with, os.getpid()),
             )
         except OSError as exc:
             raise VMLaunchFailure(
