@@ -289,7 +289,12 @@ def socket_path_for(senv: Env, cid: str) -> str:
 async def test_real_backend_without_guest_image_answers_failed_precondition(senv: Env) -> None:
     env = {k: v for k, v in senv.env.items() if k not in ("PYVM_TEST_BACKEND", "PYVM_ENABLE_TEST_SEAMS")}
     # no guest image: the VM backend refuses Create, naming the fix, before booting anything
-    env |= {"PYVM_GUEST_ROOT": str(senv.root / "no-guest"), "PYVM_CONFIG": ""}
+    # (its own config: /etc/pyvm/configuration.toml may exist on this host and name a real guest)
+    no_guest = senv.root / "no-guest"
+    cfg = senv.root / "no-guest.toml"
+    shipped = (Path(__file__).resolve().parents[3] / "config" / "configuration.toml").read_text()
+    cfg.write_text(shipped.replace("/var/lib/pyvm/guest", str(no_guest)))
+    env |= {"PYVM_GUEST_ROOT": str(no_guest), "PYVM_CONFIG": str(cfg)}
     b = senv.bundle("c3")
     r = await asyncio.to_thread(senv.run, "c3", "start", b, env=env)
     assert r.returncode == 0, r.stderr
