@@ -70,7 +70,12 @@ def _instance(image_tar: Path, *, fake: bool) -> Iterator[tuple[Containerd, Path
     if reason:
         pytest.skip(reason)
     run_root = short_base_dir("pyvm-run-")
-    env = {"PYVM_RUN_ROOT": str(run_root), "PYVM_GUEST_ROOT": str(run_root / "no-guest"), "PYVM_CONFIG": ""}
+    # an empty guest image, with our own config naming it (/etc/pyvm may name the real guest)
+    no_guest = run_root / "no-guest"
+    cfg = run_root / "no-guest.toml"
+    shipped = (Path(__file__).resolve().parents[2] / "config" / "configuration.toml").read_text()
+    cfg.write_text(shipped.replace("/var/lib/pyvm/guest", str(no_guest)))
+    env = {"PYVM_RUN_ROOT": str(run_root), "PYVM_GUEST_ROOT": str(no_guest), "PYVM_CONFIG": str(cfg)}
     if fake:
         env |= {
             "PYVM_TEST_BACKEND": "shim.testing.fake_backend:FakeBackend",
