@@ -77,6 +77,14 @@ class OutputSink:
                 os.close(fd)
 
 
+def _read_available(fd: int, n: int) -> bytes:
+    """What is in the FIFO right now, without waiting (b"" if nothing or no writer)."""
+    try:
+        return os.read(fd, n)
+    except BlockingIOError:
+        return b""
+
+
 class StdinSource:
     """A stdin FIFO read through the event loop. ``read`` returns ``b""`` at EOF or once closed."""
 
@@ -90,14 +98,25 @@ class StdinSource:
         self._closing.set()
 
     async def read(self, n: int = 64 * 1024) -> bytes:
+        """Next chunk of stdin; ``b""`` at EOF.
+
+        Waits for readiness *before* reading: a non-blocking read of a FIFO whose writer has not
+        opened yet returns 0 bytes, indistinguishable from EOF, and the client may open its end
+        after we do. Linux reports HUP on the FIFO only once a writer has come and gone, so
+        readiness means data or a real EOF.
+        """
         loop = asyncio.get_running_loop()
+        waited = False
         while self.fd is not None:
             fd = self.fd
-            try:
-                return os.read(fd, n)
-            except BlockingIOError:
-                if self._closing.is_set():
-                    return b""
+            if waited:
+                try:
+                    return os.read(fd, n)
+                except BlockingIOError:
+                    pass
+            if self._closing.is_set():
+                return _read_available(fd, n)
+            waited = True
             ready: asyncio.Future[None] = loop.create_future()
             loop.add_reader(fd, _set_once, ready)
             closing = asyncio.ensure_future(self._closing.wait())

@@ -7,6 +7,7 @@ import asyncio
 import os
 import stat
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -39,17 +40,13 @@ async def test_fifo_stdout_written_drained_and_no_epipe_when_client_leaves(tmp_p
     await io.close()
 
 
-@pytest.mark.xfail(
-    reason="hostio.StdinSource.read() reads before waiting for readability: a FIFO with no writer yet "
-    "reads as EOF, so stdin is lost if the client opens its end after our first read (reported)",
-    strict=False,
-)
 async def test_fifo_stdin_opens_when_client_does_and_reads_to_eof(tmp_path: Path) -> None:
     path = _fifo(tmp_path, "in")
     io = await open_host_io(Stdio(stdin=path), container_id="c1", namespace="ns")
     assert io.stdin is not None
 
     def client() -> None:
+        time.sleep(0.3)  # the client opens its end only after our first read began (the lost-stdin race)
         fd = os.open(path, os.O_WRONLY)  # blocks until our reader opened: proves the open is real
         os.write(fd, b"input")
         os.close(fd)
