@@ -7,7 +7,7 @@ frames never interleave). Protocol errors are confined to the connection that ma
 Unix-socket connections are served by an ``asyncio.Protocol`` (bytes go straight from
 ``data_received`` through the decoder to dispatch, and responses straight to ``transport.write``);
 ``serve_stream`` drives the same connection core from a ``StreamReader``. A handler normally runs in
-its own task. A ``Method`` marked ``eager`` instead starts synchronously inside dispatch: if it
+its own task. On unix-socket connections a ``Method`` marked ``eager`` instead starts synchronously inside dispatch: if it
 finishes without suspending (``State``) it is answered with no task and no timer at all; if it
 suspends, the rest of it continues in a task, under its deadline, exactly as a normal call would.
 
@@ -255,7 +255,16 @@ class _Continue(collections.abc.Coroutine):  # type: ignore[type-arg]
         return self._coro.send(value)
 
     def throw(self, *args: Any) -> Any:
-        self._first = self._NOTHING
+        first = self._first
+        if first is not self._NOTHING:
+            # Thrown in before the Task ever saw the future: do what the Task would have done on
+            # receiving it (clear the "blocking" mark, or the next await of it raises
+            # RuntimeError) and on being cancelled while waiting on it (cancel it).
+            self._first = self._NOTHING
+            if isinstance(first, asyncio.Future):
+                first._asyncio_future_blocking = False
+                if isinstance(args[0], asyncio.CancelledError) or args[0] is asyncio.CancelledError:
+                    first.cancel()
         return self._coro.throw(*args)
 
     def close(self) -> None:
@@ -278,6 +287,9 @@ class _Connection:
     provides ``_write``/``_writable``/``_drain`` and ends the connection. ``_handlers`` maps a
     stream id to the task answering it (calls that finished eagerly never get one).
     """
+
+    _eager_ok = True
+    """Whether ``Method.eager`` is honoured: only where dispatch runs outside any task."""
 
     def __init__(self, server: Server, peer: Any) -> None:
         self._server = server
@@ -357,7 +369,7 @@ class _Connection:
         ctx = CallContext(service, name, metadata_from_wire(req.metadata) if req.metadata else {}, timeout)
         call = _Call(sid, ctx, self._loop.time() + timeout if timeout is not None else None)
         coro = self._serve_call(call, method, request)
-        if method.eager:
+        if method.eager and self._eager_ok:
             self._start_eagerly(call, coro)
         else:
             self._start_task(call, coro, None)
@@ -577,7 +589,13 @@ class _ServerProtocol(asyncio.Protocol, _Connection):
 
 class _StreamConnection(_Connection):
     """A connection over a ``StreamReader``/``StreamWriter`` pair (the guest agent's virtio-serial
-    port, socketpairs): a read task feeds the core; writes go to the ``StreamWriter``."""
+    port, socketpairs): a read task feeds the core; writes go to the ``StreamWriter``.
+
+    Dispatch runs inside the read task here, so eager Methods get a task like any other (an eager
+    handler would otherwise see the read task as its ``current_task()``).
+    """
+
+    _eager_ok = False
 
     def __init__(self, server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         super().__init__(server, writer.get_extra_info("peername"))
