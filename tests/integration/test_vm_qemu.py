@@ -109,7 +109,7 @@ def _leftovers(sd: SandboxDir) -> list[str]:
                 found.append(f"process {pid}: {argv[:120]}")
     if sd.root.exists():
         for f in sd.root.iterdir():
-            if f.name not in ("console.log", "qemu.log", "virtiofsd.log"):
+            if f.name not in ("console.log", "qemu.log", "virtiofsd.log", "guest.log"):
                 found.append(f"file {f}")
     if virtiofsd_pidfile(sd.virtiofsd_sock).exists():
         found.append(f"file {virtiofsd_pidfile(sd.virtiofsd_sock)}")
