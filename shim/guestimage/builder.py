@@ -160,13 +160,31 @@ def install_agent(staging: Path, files: dict[str, Path], wheels: dict[str, Path]
             init.write_text("")
     # the guest's python3 is 3.11 like the builder's, so the .pyc the builder writes are valid there;
     # unchecked-hash: no mtime check, no stat per import, same bytes every build
-    compileall.compile_dir(str(lib), quiet=2, invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+    # ddir: tracebacks name the guest path, and the .pyc do not embed the build directory
+    compileall.compile_dir(
+        str(lib),
+        ddir="/" + GUEST_LIB,
+        quiet=2,
+        invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH,
+    )
     bindir = staging / "opt" / "pyvm" / "bin"
     bindir.mkdir(parents=True, exist_ok=True)
     init_src = Path(guest_init.__file__).read_text()
     (bindir / "pyvm-init").write_text("#!/usr/bin/python3 -S\n" + init_src)
     (bindir / "pyvm-init").chmod(0o755)
     _set_mtimes(staging / "opt" / "pyvm", SOURCE_DATE_EPOCH)
+
+
+def clamp_new_mtimes(root: Path, since: float, mtime: int) -> None:
+    """Give everything this build touched (files and the directories they went into) one fixed mtime.
+
+    Base-layer files keep theirs: the stdlib's timestamp-validated .pyc files depend on them.
+    """
+    for dirpath, dirnames, filenames in os.walk(root):
+        for n in [*dirnames, *filenames, "."]:
+            p = os.path.join(dirpath, n)
+            if os.lstat(p).st_mtime >= since:
+                os.utime(p, (mtime, mtime), follow_symlinks=False)
 
 
 def install_modules(staging: Path, kt: kernel.KernelTree, *, full: bool) -> list[str]:
@@ -336,8 +354,10 @@ def _build_locked(arch: Arch, layout: str, force: bool) -> Path:
         with progress.step("copying the base rootfs"):
             run(["cp", "-a", "--reflink=auto", base.root, staging])
         with progress.step(f"agent code ({len(pinned['files'])} files) + wheels + init"):
+            started = time.time() - 2
             install_agent(staging, pinned["files"], pinned["wheels"])
             agent_modules = install_modules(staging, kt, full=(layout == "disk"))
+            clamp_new_mtimes(staging, started, SOURCE_DATE_EPOCH)
         if layout == "disk":
             with progress.step("root disk image (ext4)"):
                 make_ext4(staging, out / "rootfs.img", h)
