@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from shim import log as shimlog
-from shim.guestagent import transport
+from shim.guestagent import guest, transport
 from shim.guestagent.agent import Agent, Config
 from shim.guestagent.reaper import Reaper, become_subreaper
 from shim.guestagent.service import AGENT_VERSION, build_server
@@ -100,6 +100,12 @@ def main(argv: list[str] | None = None) -> int:
         if port is not None:
             streams.append(transport.LogPort(port))
     shimlog.configure(level=args.log_level, stream=transport.Tee(*streams))  # type: ignore[arg-type]
+    if not args.listen:
+        try:
+            if guest.loopback_up():
+                log.info("loopback up")
+        except OSError as exc:
+            log.warning("cannot bring loopback up", error=str(exc))
     if not become_subreaper():
         log.warning("not a subreaper: exit statuses of container processes may be lost")
     if os.getpid() == 1:

@@ -116,3 +116,28 @@ async def online_memory(
         await asyncio.sleep(0.02)
     result.mem_total = meminfo().get("MemTotal", 0)
     return result
+
+
+_SIOCGIFFLAGS = 0x8913
+_SIOCSIFFLAGS = 0x8914
+_IFF_UP = 0x1
+_IFREQ = "16sH22x"  # struct ifreq: name[16] + short flags, padded to 40 bytes
+
+
+def loopback_up(name: str = "lo") -> bool:
+    """Bring the guest's loopback interface up; returns whether it was down.
+
+    Pod containers share the VM's network namespace (the host-side netns from CNI means nothing in
+    the guest), and many programs need 127.0.0.1. A new kernel leaves ``lo`` down until init raises it.
+    """
+    import fcntl
+    import socket
+    import struct
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        req = struct.pack(_IFREQ, name.encode(), 0)
+        flags = struct.unpack(_IFREQ, fcntl.ioctl(s, _SIOCGIFFLAGS, req))[1]
+        if flags & _IFF_UP:
+            return False
+        fcntl.ioctl(s, _SIOCSIFFLAGS, struct.pack(_IFREQ, name.encode(), flags | _IFF_UP))
+        return True
