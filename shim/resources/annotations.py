@@ -148,3 +148,20 @@ def _is_enabled(name: str, enabled: Sequence[str]) -> bool:
 
 
 __all__ = ["KNOWN", "PREFIX", "PodOverrides", "parse_pod_annotations"]
+
+
+CRI_CPU_QUOTA = "io.kubernetes.cri.sandbox-cpu-quota"
+CRI_CPU_PERIOD = "io.kubernetes.cri.sandbox-cpu-period"
+
+
+def cri_sandbox_vcpus(annotations: Mapping[str, str], *, host_cpus: int) -> int | None:
+    """vCPUs the pod's CPU limits ask for (kubelet's sandbox-cpu-quota / -period), capped at the
+    host's CPUs; None when the pod has no CPU limit or the annotations are absent or malformed."""
+    try:
+        quota = int(annotations.get(CRI_CPU_QUOTA, "0") or 0)
+        period = int(annotations.get(CRI_CPU_PERIOD, "0") or 0)
+    except ValueError:
+        return None
+    if quota <= 0 or period <= 0:
+        return None
+    return max(1, min(host_cpus, -(-quota // period)))

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ from shim.metrics import ShimMetrics
 from shim.paths import SHARE_TAG, SandboxDir
 from shim.platform import accel
 from shim.resources import memory as mem_policy
+from shim.resources.annotations import cri_sandbox_vcpus, parse_pod_annotations
 from shim.resources.spec import rewrite_spec
 from shim.resources.storage import RootfsMount, SandboxStorage, cleanup_sandbox_share
 from shim.sandbox.hostio import HostIO, open_host_io
@@ -187,7 +189,13 @@ class VmSandbox:
 
     # -- boot -------------------------------------------------------------------------------------------
 
-    async def _ensure_vm(self, config_path: str) -> AgentClient:
+    async def _ensure_vm(self, config_path: str, annotations: Mapping[str, str]) -> AgentClient:
+        """Boot the sandbox's VM once; later calls return its agent.
+
+        :raises InvalidArgument: an ``io.pyvm.*`` annotation is unknown, not enabled by the node's
+            ``[runtime] enable_annotations`` or malformed (the pod asked for something wrong).
+        :raises FailedPrecondition: the node's configuration or guest image is not usable.
+        """
         async with self._boot_lock:
             self._require_alive()
             if self.agent is not None:
@@ -197,6 +205,15 @@ class VmSandbox:
                 cfg = config_mod.load(config_path or None)
             except InvalidArgument as exc:
                 raise FailedPrecondition(f"pyvm configuration: {exc}") from exc
+            overrides = parse_pod_annotations(
+                annotations, cfg.runtime.enable_annotations
+            ).hypervisor_overrides()
+            vcpus = cri_sandbox_vcpus(annotations, host_cpus=os.cpu_count() or 1)
+            if vcpus is not None and "vcpus" not in overrides and vcpus > cfg.hypervisor.vcpus:
+                overrides["vcpus"] = vcpus
+            if overrides:
+                cfg = config_mod.with_overrides(cfg, **overrides)
+                log.info("pod overrides applied", sandbox_id=self.sandbox_id, **overrides)
             self.cfg = cfg
             _check_guest_files(cfg)  # before the accelerator probe, which boots the guest kernel
             target = accel.target_for(cfg.hypervisor)
@@ -390,9 +407,10 @@ class VmSandbox:
         if cid in self._containers:
             raise FailedPrecondition(f"container {cid} already exists in sandbox {self.sandbox_id}")
         spec = _read_spec(request.bundle)
+        annotations = spec.get("annotations") or {}
         if not self._containers and cid == self.sandbox_id:
-            self._sandbox_hint = mem_policy.sandbox_memory_hint(spec.get("annotations") or {})
-        agent = await self._ensure_vm(request.config_path)
+            self._sandbox_hint = mem_policy.sandbox_memory_hint(annotations)
+        agent = await self._ensure_vm(request.config_path, annotations)
         limit = mem_policy.limit_of(_memory_limit((spec.get("linux") or {}).get("resources") or {}))
         mounted = False
         io: HostIO | None = None

@@ -100,3 +100,15 @@ def test_overrides_apply_to_the_config():
     new = config.with_overrides(cfg, **over.hypervisor_overrides())
     assert new.hypervisor.vcpus == 2
     assert new.hypervisor.memory_hotplug == "none"
+
+
+def test_cri_sandbox_cpu_limit_becomes_vcpus_capped_at_the_host():
+    from shim.resources.annotations import cri_sandbox_vcpus
+
+    q = {"io.kubernetes.cri.sandbox-cpu-quota": "250000", "io.kubernetes.cri.sandbox-cpu-period": "100000"}
+    assert cri_sandbox_vcpus(q, host_cpus=8) == 3  # 2.5 CPUs round up
+    assert cri_sandbox_vcpus(q, host_cpus=2) == 2
+    assert cri_sandbox_vcpus({}, host_cpus=8) is None
+    no_limit = {"io.kubernetes.cri.sandbox-cpu-quota": "0", "io.kubernetes.cri.sandbox-cpu-period": "100000"}
+    assert cri_sandbox_vcpus(no_limit, host_cpus=8) is None
+    assert cri_sandbox_vcpus({"io.kubernetes.cri.sandbox-cpu-quota": "x"}, host_cpus=8) is None
