@@ -159,7 +159,11 @@ def test_qemu_sigkill_exits_every_container_with_137(pyvm_containerd: tuple[Cont
     finally:
         out = _stop_events(events)
     if _exits(out) != {SB: 137, APP: 137}:
-        print(_log_lines(c, "VM died", "/tasks/exit", "disconnected", "dead shim", "process exited", "rpc error"))
+        print(
+            _log_lines(
+                c, "VM died", "/tasks/exit", "disconnected", "dead shim", "process exited", "rpc error"
+            )
+        )
     assert _exits(out) == {SB: 137, APP: 137}, out
     log = c.log_path.read_text(errors="replace")
     assert "the sandbox VM died" in log, c.log_tail()
