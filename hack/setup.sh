@@ -57,6 +57,11 @@ if [ -f "$conf" ]; then
   install -m 0644 "$conf" /etc/pyvm/configuration.toml
 fi
 
+# containerd 1.7 (Debian trixie's package, unpacked next to 1.6; only for the compatibility tests)
+if [ "${PYVM_SKIP_CONTAINERD17:-0}" != 1 ] && [ -x hack/fetch-containerd17.sh ]; then
+  hack/fetch-containerd17.sh
+fi
+
 if [ "${PYVM_SKIP_GUEST:-0}" != 1 ] && [ -x hack/build-guest.sh ]; then
   hack/build-guest.sh
 fi
