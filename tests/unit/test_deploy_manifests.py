@@ -85,6 +85,17 @@ def test_runtime_class_and_daemonset_agree():
     assert {"get", "create"} <= rules[(("node.k8s.io",), ("runtimeclasses",))]
 
 
+def test_installer_creates_the_runtime_class_of_the_manifest():
+    """The DaemonSet's installer creates the RuntimeClass itself: same handler, overhead, scheduling."""
+    from shim.install import daemonset
+
+    (rc,) = documents(DEPLOY / "runtimeclass.yaml")
+    body = daemonset.runtime_class_body()
+    for key in ("apiVersion", "kind", "handler", "overhead", "scheduling"):
+        assert body[key] == rc[key], key
+    assert body["metadata"] == rc["metadata"]
+
+
 def test_example_pods_use_the_runtime_class_with_memory_limits():
     for name in ("pod.yaml", "pod-resize.yaml"):
         (pod,) = documents(DEPLOY / "examples" / name)
