@@ -2,8 +2,9 @@
 
 A private containerd (its own root, state and sockets under a temp dir) loads `containerd config
 default` output after `pyvm install` edited it; the CRI Status RPC (verbose) returns the runtime table
-CRI actually parsed. Running a pod with runtime_handler "pyvm" needs the VM runtime (later issue); this
-test proves the registration containerd sees, not a pod.
+CRI actually parsed. ``test_installed_config_runs_a_pyvm_pod`` goes further: the installed config runs
+a CRI pod with runtime_handler "pyvm" in a VM (the CRI harness of ``tests/helpers/cri.py`` -- netns,
+CNI, pause image -- started on that config; one VM boot).
 """
 
 from __future__ import annotations
@@ -180,3 +181,108 @@ def test_install_on_a_config_without_runtimes_keeps_cri_alive(workdir):
         runtimes = cri_runtimes(sock)
     assert set(runtimes) == {"runc", "pyvm"}
     assert runtimes["runc"]["runtimeType"] == "io.containerd.runc.v2"
+
+
+def _harness_config(h, pyvm_conf: Path) -> str:  # type: ignore[no-untyped-def]
+    """``containerd config default``, moved into the CRI harness ``h`` (root, state, sockets, opt,
+    CNI dirs, the pause image it imported, ``restrict_oom_score_adj``), then ``pyvm install``ed.
+
+    Writes both files the test compares later: ``h.config_path`` (installed) and ``original.toml``
+    (before install). Returns the installed text (the harness writes it again, unchanged).
+    """
+    from tests.helpers.cri import CNI_BIN_DIR, PAUSE_IMAGE
+
+    doc = tomlkit.parse(private_config(h.workdir, _default_config()))
+    doc["root"], doc["state"] = str(h.root), str(h.state)
+    doc["grpc"]["address"] = str(h.socket)  # type: ignore[index]
+    cri_t = doc["plugins"]["io.containerd.grpc.v1.cri"]  # type: ignore[index]
+    cri_t["sandbox_image"] = PAUSE_IMAGE  # no registry here: the harness imports a local pause image
+    cri_t["cni"]["bin_dir"] = str(CNI_BIN_DIR)
+    cri_t["cni"]["conf_dir"] = str(h.cni_conf_dir)
+    original = tomlkit.dumps(doc)
+    (h.workdir / "original.toml").write_text(original)
+    h.config_path.write_text(original)
+    res = pyvm("install", "--containerd-config", h.config_path, "--config-path", pyvm_conf)
+    assert res.returncode == 0, res.stderr
+    assert "registered" in res.stdout
+    return h.config_path.read_text()
+
+
+def test_installed_config_runs_a_pyvm_pod():
+    """Issue 7, done when: the config `pyvm install` wrote makes a real containerd's CRI run a pod
+    with runtime_handler "pyvm" (one VM: sandbox + one container; ExecSync shows the guest kernel);
+    Stop/Remove leave nothing; install twice changes nothing; uninstall restores the bytes."""
+    from tests.helpers.containerd import short_base_dir
+    from tests.helpers.cri import CriContainerd, missing_prerequisites
+    from tests.helpers.pyvm_vm import (
+        GUEST,
+        VENV_BIN,
+        force_clean,
+        host_boot_id,
+        mounts_under,
+        qemu_pids,
+        sandbox_leftovers,
+        virtiofsd_pids,
+        vm_skip_reason,
+        wait_for,
+    )
+
+    missing = missing_prerequisites()
+    reason = vm_skip_reason()
+    if missing or reason:
+        pytest.skip(f"needs: {', '.join(missing) or reason}")
+    guest_release = json.loads((GUEST / "manifest.json").read_text())["kernel"]["release"]
+    # short: <run root>/sbs/<64-hex pod id>/virtiofsd.sock must fit a unix socket path
+    workdir = short_base_dir("pi")
+    run_root = workdir / "r"
+    run_root.mkdir()
+    pyvm_conf = workdir / "configuration.toml"
+    pyvm_conf.write_text("")  # built-in defaults
+    h = CriContainerd(
+        workdir,
+        shim_dirs=[VENV_BIN],
+        env={"PYVM_RUN_ROOT": str(run_root)},
+        config_factory=lambda h: _harness_config(h, pyvm_conf),
+    )
+    try:
+        h.start()
+        installed = h.config_path.read_bytes()
+        pod, pod_cfg = h.run_pod("installed", runtime_handler="pyvm")
+        cid = h.client.create_and_start(pod, h.container_config("c1", ["sleep", "3600"]), pod_cfg)
+        assert len(qemu_pids(run_root, pod)) == 1
+        res = h.client.exec_sync(cid, ["uname", "-r"])
+        assert (res.exit_code, res.stdout.decode().strip()) == (0, guest_release), res
+        boot_id = h.client.exec_sync(cid, ["cat", "/proc/sys/kernel/random/boot_id"]).stdout.decode()
+        assert boot_id.strip() != host_boot_id()
+
+        h.client.stop_container(cid)
+        h.client.remove_container(cid)
+        h.client.stop_pod_sandbox(pod)
+        h.client.remove_pod_sandbox(pod)
+        assert h.client.list_pod_sandbox() == []
+        bundles = [h.state / "io.containerd.runtime.v2.task" / "k8s.io" / x for x in (pod, cid)]
+        wait_for(
+            lambda: (
+                not sandbox_leftovers(
+                    run_root, pod, containerd_address=str(h.socket), namespace="k8s.io", bundles=bundles
+                )
+            ),
+            30,
+            "the pod's VM, shim, mounts and dirs to be gone",
+        )
+
+        # twice changes nothing; uninstall restores the original byte for byte
+        res = pyvm("install", "--containerd-config", h.config_path, "--config-path", pyvm_conf)
+        assert res.returncode == 0, res.stderr
+        assert "nothing changed" in res.stdout
+        assert h.config_path.read_bytes() == installed
+        res = pyvm("uninstall", "--containerd-config", h.config_path)
+        assert res.returncode == 0, res.stderr
+        assert h.config_path.read_bytes() == (h.workdir / "original.toml").read_bytes()
+    finally:
+        h.stop()
+        left = h.leftovers() + [f"qemu {p}" for p in qemu_pids(run_root)]
+        left += [f"virtiofsd {p}" for p in virtiofsd_pids(run_root)]
+        left += [f"mount {m}" for m in mounts_under(workdir)]
+        force_clean(workdir, run_root)
+        assert left == [], left

@@ -50,7 +50,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -263,6 +263,7 @@ class CriContainerd:
         env: dict[str, str] | None = None,
         log_level: str = "debug",
         keep_workdir: bool = False,
+        config_factory: Callable[[CriContainerd], str] | None = None,
     ) -> None:
         self.tag = secrets.token_hex(4)
         self.name = f"pyvm-test-{self.tag}"
@@ -272,6 +273,10 @@ class CriContainerd:
         self.extra_env = dict(env or {})
         self.log_level = log_level
         self.keep_workdir = keep_workdir
+        #: builds containerd's config text instead of :meth:`render_config` (called once the harness
+        #: dirs exist, before containerd starts; it may write ``config_path`` itself, e.g. to run
+        #: ``pyvm install`` on it); it must use this harness's root, state, socket and CNI dirs
+        self.config_factory = config_factory
         self.root = self.workdir / "root"
         self.state = self.workdir / "state"
         self.socket = self.workdir / "containerd.sock"
@@ -319,7 +324,8 @@ class CriContainerd:
             _run(["ip", "netns", "add", self.netns])
             self._netns_created = True
             _run(["ip", "-n", self.netns, "link", "set", "lo", "up"])
-            self.config_path.write_text(self.render_config())
+            text = self.config_factory(self) if self.config_factory else self.render_config()
+            self.config_path.write_text(text)
             (self.cni_conf_dir / "10-pyvm-test.conflist").write_text(json.dumps(self.cni_config(), indent=2))
             mk = load_mkimage()
             images = self.workdir / "images"
