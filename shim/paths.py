@@ -1,7 +1,11 @@
 """Every on-disk location pyvm uses, in one place (one owner per fact).
 
 Per-sandbox runtime files live under ``/run/pyvm/sbs/<sandbox-id>/`` (tmpfs: gone after a reboot,
-as a VM would be). The root can be moved with ``PYVM_RUN_ROOT`` (tests use a temp dir).
+as a VM would be). The root can be moved with ``PYVM_RUN_ROOT`` (tests use a temp dir). A failed
+sandbox's logs are kept in ``<run root>/postmortem/<sandbox-id>/`` (the newest ``POSTMORTEM_KEEP``).
+
+Sandbox directories are keyed by sandbox id only, as Kata's ``/run/vc/sbs/<id>``: the same id in two
+containerd namespaces is refused (``shim.sandbox.persist.claim``), not given two directories.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from shim.errors import FailedPrecondition
 from shim.ids import validate_id
 
 #: where `pyvm guest build` installs guest images: <root>/<arch>/<hash>/ and <root>/<arch>/current
@@ -18,8 +23,14 @@ GUEST_ROOT = Path(os.environ.get("PYVM_GUEST_ROOT", "/var/lib/pyvm/guest"))
 DEFAULT_CONFIG = Path("/etc/pyvm/configuration.toml")
 #: host-wide caches (accelerator verdict, ...)
 CACHE_ROOT = Path(os.environ.get("PYVM_CACHE_ROOT", "/var/cache/pyvm"))
-#: containerd's hard-coded shim socket directory (1.6/1.7)
+#: containerd's hard-coded shim socket directory (1.6/1.7); ``shim_socket_dir()`` is the one in use
 SHIM_SOCKET_DIR = Path("/run/containerd/s")
+#: moves the shim sockets (tests, benchmarks); read when asked, not at import
+SHIM_SOCKET_DIR_ENV = "PYVM_SHIM_SOCKET_DIR"
+#: longest unix socket path the kernel accepts: ``sun_path`` is 108 bytes with the terminating NUL
+UNIX_PATH_MAX = 107
+#: how many failed sandboxes' post-mortem log directories are kept (the oldest go first)
+POSTMORTEM_KEEP = 20
 
 #: virtio-serial port name of the guest agent and the virtio-fs tag of the sandbox share
 AGENT_PORT_NAME = "io.pyvm.agent.0"
@@ -31,6 +42,13 @@ GUEST_SHARE_DIR = "/run/pyvm/shared"
 
 def run_root() -> Path:
     return Path(os.environ.get("PYVM_RUN_ROOT", "/run/pyvm"))
+
+
+def shim_socket_dir() -> Path:
+    """Where the shim sockets go: ``$PYVM_SHIM_SOCKET_DIR`` if set, else containerd's
+    ``SHIM_SOCKET_DIR`` (containerd 1.6/1.7 derive the same path; only tests move it)."""
+    override = os.environ.get(SHIM_SOCKET_DIR_ENV)
+    return Path(override) if override else SHIM_SOCKET_DIR
 
 
 def guest_dir(arch: str) -> Path:
@@ -73,6 +91,50 @@ class SandboxDir:
     @property
     def metrics_sock(self) -> Path:
         return self.root / "metrics.sock"
+
+    @property
+    def console_sock(self) -> Path:
+        """The serial console as a socket (only when a console socket is asked for)."""
+        return self.root / "console.sock"
+
+    @property
+    def sockets(self) -> tuple[Path, ...]:
+        """Every unix socket this sandbox binds or connects to."""
+        return (
+            self.qmp_sock,
+            self.agent_sock,
+            self.guest_log_sock,
+            self.virtiofsd_sock,
+            self.metrics_sock,
+            self.console_sock,
+        )
+
+    def check_socket_paths(self) -> None:
+        """Refuse a run root so long that a socket path of this sandbox does not fit ``sun_path``
+        (QEMU and virtiofsd would die later with "Socket path too long", far from the cause).
+
+        :raises FailedPrecondition: naming the longest path, its length and the limit.
+        """
+        longest = max(self.sockets, key=lambda p: len(os.fsencode(p)))
+        n = len(os.fsencode(longest))
+        if n > UNIX_PATH_MAX:
+            raise FailedPrecondition(
+                f"unix socket path {longest} is {n} bytes, longer than the kernel's limit of "
+                f"{UNIX_PATH_MAX}; use a shorter run root (PYVM_RUN_ROOT, now {self.root.parent.parent})",
+                path=str(longest),
+                length=n,
+                limit=UNIX_PATH_MAX,
+            )
+
+    @property
+    def postmortem(self) -> Path:
+        """Where this sandbox's logs are kept after a failure: ``<run root>/postmortem/<id>/``, a
+        sibling of ``sbs/`` (which the sandbox cleanup removes and ``pyvm monitor`` scans)."""
+        return self.postmortem_root / self.sandbox_id
+
+    @property
+    def postmortem_root(self) -> Path:
+        return self.root.parent.parent / "postmortem"
 
     @property
     def console_log(self) -> Path:
@@ -125,8 +187,12 @@ __all__ = [
     "GUEST_SHARE_DIR",
     "LOG_PORT_NAME",
     "SHARE_TAG",
+    "POSTMORTEM_KEEP",
     "SHIM_SOCKET_DIR",
+    "SHIM_SOCKET_DIR_ENV",
+    "UNIX_PATH_MAX",
     "SandboxDir",
     "guest_dir",
     "run_root",
+    "shim_socket_dir",
 ]

@@ -30,7 +30,7 @@ from shim.sandbox.pod import bundle_membership
 
 PROTOCOL_ENV = "PYVM_SHIM_PROTOCOL"
 #: Where the shim sockets go; containerd 1.6/1.7 hard-code /run/containerd/s. Tests move it.
-SOCKET_DIR_ENV = "PYVM_SHIM_SOCKET_DIR"
+SOCKET_DIR_ENV = paths.SHIM_SOCKET_DIR_ENV
 #: The test seam: load a backend from "module:factory" (only with PYVM_ENABLE_TEST_SEAMS=1).
 TEST_BACKEND_ENV = "PYVM_TEST_BACKEND"
 TEST_SEAMS_ENV = "PYVM_ENABLE_TEST_SEAMS"
@@ -59,8 +59,7 @@ class Flags:
 
 
 def socket_dir() -> Path:
-    override = os.environ.get(SOCKET_DIR_ENV)
-    return Path(override) if override else paths.SHIM_SOCKET_DIR
+    return paths.shim_socket_dir()
 
 
 def socket_path(containerd_address: str, namespace: str, group_id: str) -> str:

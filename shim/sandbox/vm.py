@@ -43,7 +43,7 @@ from shim.errors import (
     ShimError,
     Unavailable,
 )
-from shim.hypervisor.qemu.driver import ExitInfo, QemuVM, keep_logs, postmortem_dir
+from shim.hypervisor.qemu.driver import ExitInfo, QemuVM, keep_logs
 from shim.log import get_logger
 from shim.metrics import ShimMetrics
 from shim.paths import SHARE_TAG, SandboxDir
@@ -194,7 +194,8 @@ class VmSandbox:
 
         :raises InvalidArgument: an ``io.pyvm.*`` annotation is unknown, not enabled by the node's
             ``[runtime] enable_annotations`` or malformed (the pod asked for something wrong).
-        :raises FailedPrecondition: the node's configuration or guest image is not usable.
+        :raises FailedPrecondition: the node's configuration or guest image is not usable, or the
+            run root is too long for this sandbox's unix socket paths.
         """
         async with self._boot_lock:
             self._require_alive()
@@ -215,6 +216,7 @@ class VmSandbox:
                 cfg = config_mod.with_overrides(cfg, **overrides)
                 log.info("pod overrides applied", sandbox_id=self.sandbox_id, **overrides)
             self.cfg = cfg
+            self.sdir.check_socket_paths()  # else virtiofsd/QEMU die later: "Socket path too long"
             _check_guest_files(cfg)  # before the accelerator probe, which boots the guest kernel
             target = accel.target_for(cfg.hypervisor)
             verdict = accel.resolve(cfg.hypervisor.accelerator, await accel.get_verdict(target))
@@ -280,7 +282,7 @@ class VmSandbox:
             "the sandbox VM died: every process is reported killed (137)",
             sandbox_id=self.sandbox_id,
             qemu=info.description,
-            console_log=str(postmortem_dir(self.sdir) / "console.log"),  # QemuVM kept the logs
+            console_log=str(self.sdir.postmortem / "console.log"),  # QemuVM kept the logs
             console_tail=info.console_tail[-1500:],
             qemu_log_tail=info.qemu_log_tail[-1500:],
         )
@@ -294,7 +296,7 @@ class VmSandbox:
             info = self._dead.result()
             raise Unavailable(
                 f"the VM of sandbox {self.sandbox_id} is gone (QEMU {info.description}); "
-                f"see {postmortem_dir(self.sdir) / 'console.log'}"
+                f"see {self.sdir.postmortem / 'console.log'}"
             )
 
     def _agent(self) -> AgentClient:

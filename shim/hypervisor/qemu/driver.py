@@ -23,7 +23,8 @@ Files: everything lives in ``SandboxDir``; ``console.log``, ``qemu.log``, ``virt
 ``guest.log`` (the agent's log port) are kept after stop for post-mortems (the sandbox layer removes
 the directory); sockets, pid files and the efivars copy are removed. After a failure (QEMU did not
 come up, died, or the guest never answered) ``keep_logs()`` copies those logs to
-``postmortem_dir(sdir)``, outside the sandbox directory, so they outlive the shim; the launch error
+``sdir.postmortem``, outside the sandbox directory, so they outlive the shim (the newest
+``paths.POSTMORTEM_KEEP`` sandboxes' copies are kept, older ones deleted); the launch error
 and the death report name that copy. The share directory is created if missing and removed if we created it and
 it is empty at stop.
 """
@@ -42,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shim import config as config_mod
+from shim import paths
 from shim.config import Config, Timeouts
 from shim.errors import FailedPrecondition, InvalidState, ShimError, Unavailable
 from shim.hypervisor.qemu.cmdline import vm_command
@@ -78,19 +80,33 @@ class ExitInfo:
 POSTMORTEM_MAX_BYTES = 1 << 20
 
 
-def postmortem_dir(sdir: SandboxDir) -> Path:
-    """Where a failed sandbox's logs are kept: ``<run root>/postmortem/<sandbox id>/`` (a sibling of
-    ``sbs/``, which the sandbox's cleanup removes and ``pyvm monitor`` scans)."""
-    return sdir.root.parent.parent / "postmortem" / sdir.sandbox_id
+def prune_postmortems(root: Path, keep: int) -> list[Path]:
+    """Delete all but the ``keep`` most recently written sandbox directories under ``root`` (a
+    post-mortem root). Returns what was deleted; errors are logged, never raised."""
+    try:
+        entries = [(e.stat().st_mtime, e) for e in root.iterdir() if e.is_dir() and not e.is_symlink()]
+    except OSError:
+        return []
+    entries.sort(key=lambda t: t[0], reverse=True)
+    removed = []
+    for _, old in entries[keep:]:
+        try:
+            shutil.rmtree(old)
+            removed.append(old)
+        except OSError as exc:
+            log.warning("cannot remove an old post-mortem", path=str(old), error=str(exc))
+    return removed
 
 
-def keep_logs(sdir: SandboxDir) -> Path | None:
-    """Copy the VM's logs (the last ``POSTMORTEM_MAX_BYTES`` of each) to ``postmortem_dir(sdir)``.
+def keep_logs(sdir: SandboxDir, keep: int | None = None) -> Path | None:
+    """Copy the VM's logs (the last ``POSTMORTEM_MAX_BYTES`` of each) to ``sdir.postmortem``, then
+    delete the oldest sandboxes' post-mortems beyond ``keep`` (default ``paths.POSTMORTEM_KEEP``), so
+    a node that keeps failing does not fill its tmpfs.
 
     Returns the directory, or ``None`` when there was nothing to keep or it could not be written
     (logged: a post-mortem must never hide the original error).
     """
-    dest = postmortem_dir(sdir)
+    dest = sdir.postmortem
     kept = 0
     try:
         for src in (sdir.console_log, sdir.qemu_log, sdir.virtiofsd_log, sdir.guest_log):
@@ -106,7 +122,12 @@ def keep_logs(sdir: SandboxDir) -> Path | None:
     except OSError as exc:
         log.error("cannot keep the VM logs", sandbox_id=sdir.sandbox_id, dest=str(dest), error=str(exc))
         return None
-    return dest if kept else None
+    if not kept:
+        return None
+    with contextlib.suppress(OSError):
+        os.utime(dest)  # newest: a second failure of the same id must not make it look old
+    prune_postmortems(sdir.postmortem_root, paths.POSTMORTEM_KEEP if keep is None else keep)
+    return dest
 
 
 class QemuVM:
@@ -127,7 +148,7 @@ class QemuVM:
         self.accel = accel
         self.timeouts: Timeouts = cfg.timeouts.scaled(accel.speed_factor)
         self.on_exit = on_exit
-        self.console_socket_path: Path | None = sdir.root / "console.sock" if console_socket else None
+        self.console_socket_path: Path | None = sdir.console_sock if console_socket else None
         self.extra_kernel_params = tuple(extra_kernel_params)
         self.state = VMState.NEW
         self.qemu: Child | None = None
@@ -464,6 +485,6 @@ __all__ = [
     "VMState",
     "keep_logs",
     "kill_leftovers",
-    "postmortem_dir",
+    "prune_postmortems",
     "virtiofsd_pidfile",
 ]
