@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shim import paths
+from shim.sandbox import persist
 from shim.sandbox.pod import bundle_membership
 
 PROTOCOL_ENV = "PYVM_SHIM_PROTOCOL"
@@ -182,6 +183,7 @@ def start(flags: Flags) -> str:
     """Run ``start`` in the bundle (cwd); returns what to print (address or bootstrap JSON).
 
     :raises UsageError: missing flags, bad environment, socket path too long.
+    :raises AlreadyExists: the sandbox id is live in another containerd namespace.
     :raises OSError: the socket cannot be created.
     """
     if not flags.id or not flags.address or not flags.namespace:
@@ -190,6 +192,7 @@ def start(flags: Flags) -> str:
     proto = protocol()
     bundle = os.getcwd()
     group = bundle_membership(flags.id, bundle).sandbox_id
+    persist.refuse_other_namespace(paths.SandboxDir.for_sandbox(group), flags.namespace)
     path = socket_path(flags.address, flags.namespace, group)
     address = "unix://" + path
     os.makedirs(socket_dir(), mode=0o700, exist_ok=True)
@@ -224,7 +227,7 @@ def delete(flags: Flags) -> tuple[bytes, list[str]]:
     from shim._pb.containerd.task.v2 import shim_pb2
     from shim.api.translate import timestamp
     from shim.ids import validate_id
-    from shim.sandbox import cleanup, persist
+    from shim.sandbox import cleanup
 
     if not flags.id:
         raise UsageError("delete needs -id")
@@ -240,13 +243,18 @@ def delete(flags: Flags) -> tuple[bytes, list[str]]:
     sdir = paths.SandboxDir.for_sandbox(member.sandbox_id)
     record = persist.load(sdir)
     alive = record is not None and persist.daemon_alive(record)
-    if sdir.root.exists():
+    # the same id in another namespace owns the directory (our start was refused): not ours to clean
+    ours = record is None or not flags.namespace or record.namespace == flags.namespace
+    if not ours:
+        assert record is not None
+        warnings.append(f"{sdir.root} belongs to namespace {record.namespace!r}; left alone")
+    if ours and sdir.root.exists():
         warnings += cleanup.remove_container(sdir, flags.id)
         if record is not None and not alive and flags.id in record.containers:
             del record.containers[flags.id]
             persist.save(sdir, record)
-    if member.is_sandbox and not alive:
-        if sdir.root.exists():
+    if member.is_sandbox and (not alive or not ours):
+        if ours and sdir.root.exists():
             warnings += cleanup.remove_sandbox(sdir)
         if flags.address and flags.namespace:
             path = socket_path(flags.address, flags.namespace, member.sandbox_id)

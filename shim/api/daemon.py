@@ -138,7 +138,7 @@ async def _serve(flags: bootstrap.Flags, bundle: str) -> None:
         record.containers = {cid: {"bundle": b} for cid, b in containers.items()}
         persist.save(sdir, record)
 
-    persist.save(sdir, record)
+    persist.claim(sdir, record)  # AlreadyExists: the id is live in another namespace; touch nothing
     metrics_server = await _serve_metrics(sdir, metrics)
     publisher = EventPublisher(
         address=os.environ.get("TTRPC_ADDRESS") or None,

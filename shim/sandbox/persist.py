@@ -3,14 +3,23 @@ shim that died (SIGKILL, OOM, crash) without talking to it.
 
 Written atomically (temp file + rename) by the daemon whenever its set of containers changes; read by
 ``delete`` and by a later daemon. Standard library only (``delete`` imports it).
+
+Ownership: sandbox directories are keyed by sandbox id only (``<run root>/sbs/<id>``, as Kata's
+``/run/vc/sbs/<id>``), so the same id in two containerd namespaces would share one. The first daemon
+``claim``s it (its record names its namespace); while it lives, ``start`` of the same id in another
+namespace is refused with ``AlreadyExists`` naming the owner, a second daemon's ``claim`` is refused
+too, and ``delete`` from another namespace leaves the directory alone. A dead owner's directory may be
+claimed (its own ``delete`` then finds a record of another namespace and leaves it alone).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from dataclasses import asdict, dataclass, field
 
+from shim.errors import AlreadyExists
 from shim.paths import SandboxDir
 
 FORMAT_VERSION = 1
@@ -83,4 +92,44 @@ def daemon_alive(record: SandboxRecord) -> bool:
     return st is not None and st[1] == record.shim_start_time and st[0] not in ("Z", "X")
 
 
-__all__ = ["FORMAT_VERSION", "SandboxRecord", "daemon_alive", "load", "process_start_time", "save"]
+def refuse_other_namespace(sdir: SandboxDir, namespace: str) -> None:
+    """:raises AlreadyExists: a live daemon of another containerd namespace owns ``sdir``."""
+    record = load(sdir)
+    if record is not None and record.namespace != namespace and daemon_alive(record):
+        raise AlreadyExists(
+            f"sandbox id {sdir.sandbox_id} is already in use in containerd namespace "
+            f"{record.namespace!r} (shim pid {record.shim_pid}); pyvm keeps one sandbox directory per "
+            f"id ({sdir.root}), so ids must be unique across namespaces on a node: use another id",
+            sandbox_id=sdir.sandbox_id,
+            namespace=namespace,
+            owner_namespace=record.namespace,
+        )
+
+
+def claim(sdir: SandboxDir, record: SandboxRecord) -> None:
+    """:func:`save` ``record`` as the owner of ``sdir``, unless a live daemon of another namespace owns
+    it. Check and write happen under an exclusive lock of the ``sbs`` directory, so of two daemons
+    claiming one id at once exactly one wins.
+
+    :raises AlreadyExists: see :func:`refuse_other_namespace`; nothing was written.
+    """
+    sdir.root.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(sdir.root.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        refuse_other_namespace(sdir, record.namespace)
+        save(sdir, record)
+    finally:
+        os.close(fd)  # releases the lock
+
+
+__all__ = [
+    "FORMAT_VERSION",
+    "SandboxRecord",
+    "claim",
+    "daemon_alive",
+    "load",
+    "process_start_time",
+    "refuse_other_namespace",
+    "save",
+]

@@ -25,7 +25,7 @@ from google.protobuf import empty_pb2
 from shim._pb.containerd.task.v2 import shim_pb2
 from shim.api.bootstrap import UsageError, socket_path
 from shim.cli.shim_main import parse
-from shim.errors import FailedPrecondition
+from shim.errors import AlreadyExists, FailedPrecondition
 from shim.sandbox import persist
 from shim.testing.fake_containerd import FakeContainerd
 from shim.ttrpc import Client
@@ -60,11 +60,19 @@ class Env:
         (b / "config.json").write_text(json.dumps(spec))
         return b
 
-    def run(self, cid: str, action: str, bundle: Path, *extra: str, env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+    def run(  # type: ignore[no-untyped-def]
+        self,
+        cid: str,
+        action: str,
+        bundle: Path,
+        *extra: str,
+        env: dict[str, str] | None = None,
+        namespace: str = "default",
+    ):
         argv = [
             *shim_argv(),
             "-namespace",
-            "default",
+            namespace,
             "-address",
             str(self.root / "containerd.sock"),
             "-publish-binary",
@@ -253,6 +261,47 @@ async def test_delete_after_sigkilled_daemon_cleans_the_whole_sandbox(senv: Env)
         assert shim_pb2.DeleteResponse.FromString(d.stdout).exit_status == 137
     assert not sdir.root.exists()
     assert not os.path.exists(address.removeprefix("unix://"))
+
+
+async def test_same_id_in_another_namespace_is_refused_and_its_delete_leaves_the_owner_alone(
+    senv: Env,
+) -> None:
+    """Sandbox dirs are keyed by id only: a second namespace must not share (and later clean) it."""
+    b = senv.bundle("dup")
+    r = await asyncio.to_thread(senv.run, "dup", "start", b)
+    assert r.returncode == 0, r.stderr
+    client = await _client(r.stdout.decode())
+    await client.call(T, "Connect", shim_pb2.ConnectRequest(id="dup"), shim_pb2.ConnectResponse)
+    await client.close()
+    sdir = persist.SandboxDir.for_sandbox("dup", senv.run_root / "sbs")
+    (sdir.share / "dup").mkdir(parents=True)
+    rec = persist.load(sdir)
+    assert rec is not None and rec.namespace == "default" and persist.daemon_alive(rec)
+
+    b2 = senv.root / "bundles2" / "dup"
+    b2.mkdir(parents=True)
+    (b2 / "config.json").write_text((b / "config.json").read_text())
+    r2 = await asyncio.to_thread(senv.run, "dup", "start", b2, namespace="other")
+    assert r2.returncode == 1
+    err = r2.stderr.decode()
+    assert "AlreadyExists" in err and "namespace 'default'" in err and "dup" in err, err
+    assert len(list(senv.sockets.iterdir())) == 1  # no second shim
+
+    # containerd cleans up the failed start with delete: the owner's sandbox stays untouched
+    d = await asyncio.to_thread(senv.run, "dup", "delete", b2, "-bundle", str(b2), namespace="other")
+    assert d.returncode == 0, d.stderr
+    assert b"left alone" in d.stderr
+    assert (sdir.share / "dup").is_dir() and persist.load(sdir) == rec
+
+    # a daemon racing past start is refused by claim, before it writes anything
+    other = persist.SandboxRecord("dup", "other", "unix:///x", str(b2), os.getpid(), 0)
+    with pytest.raises(AlreadyExists, match="namespace 'default'"):
+        persist.claim(sdir, other)
+    assert persist.load(sdir) == rec
+    os.kill(rec.shim_pid, signal.SIGKILL)
+    assert await _gone(rec.shim_pid)
+    persist.claim(sdir, other)  # a dead owner's directory may be taken over
+    assert persist.load(sdir) == other
 
 
 async def test_start_replaces_a_stale_socket(senv: Env) -> None:
