@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from shim import config  # noqa: E402
+from shim.hypervisor.qemu import cmdline  # noqa: E402
 from shim.platform import accel  # noqa: E402
 from tests.helpers.containerd import BUSYBOX_REF, Containerd, build_busybox_image, short_base_dir  # noqa: E402
 from tests.helpers.cri import CriContainerd  # noqa: E402
@@ -65,13 +66,18 @@ def floor_argv(
     hv = cfg.hypervisor
     g = hv.kernel.parent
     tcg = verdict.accel == "tcg"
-    params = "console=ttyS0 panic=-1 quiet" + (" pyvm.floor=poweroff" if poweroff else "")
+    # the same kernel parameters as pyvm's VMs (console, panic, the configuration's, e.g. quiet)
+    params = cmdline.kernel_cmdline(hv.arch, hv.kernel_params, ["pyvm.floor=poweroff"] if poweroff else [])
     argv = [
         str(hv.path),
-        "-machine",
-        f"{hv.machine_type},memory-backend=ram0",
-        "-accel",
-        "tcg,thread=multi" if tcg else "kvm",
+        # the same -machine/-accel part as pyvm's VMs (TCG thread mode, translation cache size)
+        *cmdline.Machine(
+            hv.machine_type,
+            verdict.accel,
+            "ram0",
+            None if hv.machine_type == "q35" else ("host" if verdict.accel == "kvm" else "3"),
+            hv.tcg_tb_size,
+        ).to_args(),
         "-cpu",
         hv.cpu_tcg if tcg else hv.cpu_kvm,
         "-m",
@@ -235,10 +241,14 @@ def main() -> int:
     if os.geteuid() != 0:
         print("needs root", file=sys.stderr)
         return 2
-    cfg = config.load(args.config) if args.config else config.defaults()
-    verdict = accel.resolve(
-        cfg.hypervisor.accelerator, asyncio.run(accel.get_verdict(accel.target_for(cfg.hypervisor)))
-    )
+    # the configuration the shims will use (--config, else PYVM_CONFIG, /etc/pyvm/..., built-in
+    # defaults), handed to them explicitly so the floor and pyvm boot the same settings
+    cfg = config.load(args.config)
+    cfg_path = cfg.source
+    # probe (or read the cached verdict) now, so no timed run pays for the accelerator probe
+    target = accel.target_for(cfg.hypervisor)
+    verdict = accel.resolve(cfg.hypervisor.accelerator, asyncio.run(accel.get_verdict(target)))
+    probe_key = accel.cache_key(target)
     base = short_base_dir("pvb")
     run_root = base / "r"
     run_root.mkdir()
@@ -249,14 +259,14 @@ def main() -> int:
         image = build_busybox_image(base / "bb.tar")
         with (
             Containerd(base / "c", extra_path=[args.shim_dir], env=env) as c,
-            CriContainerd(base, pyvm_config_path=args.config, shim_dirs=[args.shim_dir], env=env) as h,
+            CriContainerd(base, pyvm_config_path=cfg_path, shim_dirs=[args.shim_dir], env=env) as h,
         ):
             c.import_image(image)
             for n in range(args.runs):
                 fw = base / f"fw{n}"
                 fw.mkdir()
                 results["floor_off"].append(floor_poweroff(floor_argv(cfg, verdict, fw, poweroff=True)))
-                results["ctr"].append(ctr_run_true(c, args.config, n))
+                results["ctr"].append(ctr_run_true(c, cfg_path, n))
                 results["floor_ready"].append(floor_ready(floor_argv(cfg, verdict, fw, poweroff=False)))
                 dt, m = cri_run_pod(h, n, measure_memory=(n == args.runs - 1))
                 results["cri"].append(dt)
@@ -273,13 +283,20 @@ def main() -> int:
         if leftovers:
             print(f"WARNING: killed leftover processes {leftovers}", file=sys.stderr)
 
+    if accel.cache_key(target) != probe_key:
+        print(
+            "WARNING: the guest kernel changed during the run (guest image rebuilt?): a shim may have "
+            "re-run the accelerator probe inside a timed run; numbers are suspect",
+            file=sys.stderr,
+        )
     med = {k: statistics.median(v) for k, v in results.items()}
     hv = cfg.hypervisor
     print()
     print(
         f"accelerator {verdict.accel}, machine {hv.machine_type}, firmware "
-        f"{'OVMF pflash' if hv.pflashes else 'none'}, {hv.default_memory} MiB, {hv.vcpus} vCPU; "
-        f"medians of {args.runs}"
+        f"{'OVMF pflash' if hv.pflashes else 'none'}, {hv.default_memory} MiB, {hv.vcpus} vCPU, "
+        f"tb-size {hv.tcg_tb_size or 'default'}, kernel params {hv.kernel_params!r}; config "
+        f"{cfg_path or 'built-in defaults'}; medians of {args.runs}; load {os.getloadavg()[0]:.1f}"
     )
     print(f"{'time':42} {'pyvm':>8} {'floor':>8} {'ratio':>7} {'target':>7}")
     for label, ours, floor in (

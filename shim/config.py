@@ -52,6 +52,9 @@ class HypervisorConfig:
     #: -cpu model when the accelerator is KVM / TCG
     cpu_kvm: str
     cpu_tcg: str
+    #: TCG translation-block cache in MiB (``-accel tcg,tb-size=N``); 0 = QEMU's default (1 GiB).
+    #: Unused under KVM.
+    tcg_tb_size: int
     #: UEFI firmware: [] (direct kernel boot, no ACPI on arm64) or [code (read-only), vars template]
     pflashes: tuple[Path, ...]
     kernel: Path
@@ -150,7 +153,9 @@ def _default_tables(arch: str) -> dict[str, dict[str, Any]]:
             "kernel": str(gdir / "vmlinuz"),
             "initrd": str(gdir / "initrd.img"),
             "image": str(gdir / "rootfs.img"),
-            "kernel_params": "",
+            "tcg_tb_size": 64,
+            # quiet: the kernel's boot log on the emulated UART costs ~0.4 s under TCG (measured)
+            "kernel_params": "quiet",
             "vcpus": 1,
             "default_memory": 2048,
             "memory_slots": 10,
@@ -411,6 +416,7 @@ def _build(t: dict[str, dict[str, Any]], *, source: Path | None, where: str = ""
         accelerator=choice("hypervisor", "accelerator", ACCELERATORS, hv),
         cpu_kvm=text("hypervisor", "cpu_kvm", hv),
         cpu_tcg=text("hypervisor", "cpu_tcg", hv),
+        tcg_tb_size=integer("hypervisor", "tcg_tb_size", hv, 0, 4096),
         pflashes=tuple(pflashes),
         kernel=abspath("hypervisor", "kernel", hv),  # type: ignore[arg-type]
         initrd=abspath("hypervisor", "initrd", hv, optional=True),

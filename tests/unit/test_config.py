@@ -81,6 +81,8 @@ def test_timeouts_scale() -> None:
         ("[hypervisor]\npath = '/usr/bin/qemu,x'", "hypervisor.path", "without commas"),
         ("[hypervisor]\ninitrd = ''\nimage = ''", "hypervisor.initrd", "set when hypervisor.image is empty"),
         ("[hypervisor]\nkernel_params = 3", "hypervisor.kernel_params", "a string"),
+        ("[hypervisor]\ntcg_tb_size = -1", "hypervisor.tcg_tb_size", "an integer from 0"),
+        ("[hypervisor]\ntcg_tb_size = 64.5", "hypervisor.tcg_tb_size", "an integer from 0"),
         ("[hypervisor]\ncpu_tcg = ''", "hypervisor.cpu_tcg", "non-empty"),
         ("[shared_fs]\ncache = 'never'", "shared_fs.cache", "'auto', 'always', 'none'"),
         ("[shared_fs]\nkind = '9p'", "shared_fs.kind", "'virtio-fs', 'none'"),

@@ -68,7 +68,7 @@ def test_x86_default_argv_exact() -> None:
         "-machine",
         "q35,memory-backend=ram0",
         "-accel",
-        "tcg,thread=multi",
+        "tcg,thread=multi,tb-size=64",
         "-cpu",
         "max",
         "-smp",
@@ -86,7 +86,7 @@ def test_x86_default_argv_exact() -> None:
         "-initrd",
         f"{G86}/initrd.img",
         "-append",
-        "console=ttyS0 panic=-1",
+        "console=ttyS0 panic=-1 quiet",
         "-drive",
         f"if=none,id=rootfs,file={G86}/rootfs.img,format=raw,readonly=on",
         "-device",
@@ -179,6 +179,7 @@ def test_memory_backend_qmp_args() -> None:
         (lambda: c.Machine("virt", "tcg"), "needs gic-version"),
         (lambda: c.Machine("q35", "tcg", gic_version="3"), "no GIC"),
         (lambda: c.Machine("q35", "tcg", memory_backend="9bad"), "not a valid QEMU id"),
+        (lambda: c.Machine("q35", "tcg", tb_size_mib=-1), "tb-size"),
         (lambda: c.Cpu("max;rm -rf"), "MODEL"),
         (lambda: c.Smp(0), "vcpus must be"),
         (lambda: c.Memory(0), "memory size"),
@@ -214,3 +215,11 @@ def test_guest_log_port_is_a_file_chardev_on_the_agent_bus() -> None:
     ]
     with pytest.raises(InvalidArgument):
         c.LogPort(Path("relative.log"))
+
+
+def test_tcg_tb_size_caps_the_translation_cache_under_tcg_only() -> None:
+    assert c.Machine("q35", "tcg", tb_size_mib=64).to_args()[-1] == "tcg,thread=multi,tb-size=64"
+    assert c.Machine("q35", "tcg", tb_size_mib=0).to_args()[-1] == "tcg,thread=multi"  # QEMU's default
+    assert c.Machine("q35", "kvm", tb_size_mib=64).to_args()[-1] == "kvm"
+    argv = c.vm_command(_cfg("x86_64", tcg_tb_size=0), SD, "tcg").argv()
+    assert argv[argv.index("-accel") + 1] == "tcg,thread=multi"
