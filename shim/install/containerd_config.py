@@ -134,14 +134,7 @@ def new_document(version: int) -> tomlkit.TOMLDocument:
 
 def find_runtime(doc: tomlkit.TOMLDocument, version: int, name: str = RUNTIME_NAME) -> Any | None:
     """The ``runtimes.<name>`` table, or None."""
-    node: Any = doc
-    for key in (*runtimes_path(version), name):
-        if not hasattr(node, "get"):
-            return None
-        node = node.get(key)
-        if node is None:
-            return None
-    return node
+    return _lookup(doc, (*runtimes_path(version), name))
 
 
 def entry_matches(doc: tomlkit.TOMLDocument, version: int, entry: RuntimeEntry) -> bool:
@@ -201,11 +194,9 @@ def default_runtime_missing(doc: tomlkit.TOMLDocument, version: int) -> bool:
     for `containerd` `default_runtime_name = "runc"`" — verified with 1.6.20). So adding a lone
     ``pyvm`` table to a config without runtimes would take CRI down for every pod.
     """
-    containerd = doc
-    for key in runtimes_path(version)[:-1]:
-        containerd = containerd.get(key) if hasattr(containerd, "get") else None
-        if containerd is None:
-            return True
+    containerd = _lookup(doc, runtimes_path(version)[:-1])
+    if containerd is None:
+        return True
     if _plain(containerd.get("default_runtime_name")) not in (None, DEFAULT_RUNTIME):
         return False  # a user-chosen default: theirs to define
     runtimes = containerd.get("runtimes")
@@ -214,12 +205,8 @@ def default_runtime_missing(doc: tomlkit.TOMLDocument, version: int) -> bool:
 
 def remove(doc: tomlkit.TOMLDocument, version: int, name: str = RUNTIME_NAME) -> bool:
     """Delete ``runtimes.<name>`` (with its options) from ``doc``; False if it was not there."""
-    parent: Any = doc
-    for key in runtimes_path(version):
-        parent = parent.get(key) if hasattr(parent, "get") else None
-        if parent is None:
-            return False
-    if name not in parent:
+    parent = _lookup(doc, runtimes_path(version))
+    if parent is None or name not in parent:
         return False
     del parent[name]
     return True
@@ -253,6 +240,18 @@ def _parse_reason(exc: tomlkit.exceptions.ParseError) -> str:
     # tomlkit appends " at line L col C"; we say where ourselves
     cut = msg.rfind(" at line ")
     return msg[:cut] if cut > 0 else msg
+
+
+def _lookup(doc: tomlkit.TOMLDocument, path: Sequence[str]) -> Any | None:
+    """The item at ``path`` (tables walked key by key), or None if a step is missing or not a table."""
+    node: Any = doc
+    for key in path:
+        if not hasattr(node, "get"):
+            return None
+        node = node.get(key)
+        if node is None:
+            return None
+    return node
 
 
 def _plain(value: Any) -> Any:
