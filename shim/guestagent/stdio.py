@@ -145,8 +145,8 @@ class StdinWriter:
     async def _writable(self) -> None:
         fd = self._fd
         assert fd is not None
-        fut = self._loop.create_future()
-        self._loop.add_writer(fd, lambda: fut.done() or fut.set_result(None))
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._loop.add_writer(fd, _set_once, fut)
         try:
             await fut
         finally:
@@ -216,9 +216,14 @@ class ConsoleSocket:
             pass
 
 
+def _set_once(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
-    fut = loop.create_future()
-    loop.add_reader(sock.fileno(), lambda: fut.done() or fut.set_result(None))
+    fut: asyncio.Future[None] = loop.create_future()
+    loop.add_reader(sock.fileno(), _set_once, fut)
     try:
         await fut
     finally:

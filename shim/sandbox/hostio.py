@@ -24,6 +24,7 @@ import os
 import signal
 import subprocess
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import parse_qsl, unquote, urlparse
 
 from shim.errors import InvalidArgument
@@ -120,8 +121,9 @@ class StdinSource:
             ready: asyncio.Future[None] = loop.create_future()
             loop.add_reader(fd, _set_once, ready)
             closing = asyncio.ensure_future(self._closing.wait())
+            either: set[asyncio.Future[Any]] = {ready, closing}
             try:
-                await asyncio.wait({ready, closing}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 closing.cancel()
                 if self.fd == fd:

@@ -308,7 +308,8 @@ class VmSandbox:
     async def _guarded(self, aw: Awaitable[T]) -> T:
         """Await ``aw`` unless the VM dies first (then Unavailable)."""
         task = asyncio.ensure_future(aw)
-        done, _ = await asyncio.wait({task, self._dead}, return_when=asyncio.FIRST_COMPLETED)
+        either: set[asyncio.Future[Any]] = {task, self._dead}
+        done, _ = await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
         if task in done:
             return task.result()
         task.cancel()

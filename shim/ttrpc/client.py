@@ -41,6 +41,9 @@ class Client:
     and removes its own. Each frame goes out in one transport write, so frames never interleave.
     """
 
+    # Set in ``__init__`` (stream transport); None on the protocol path, which the protocol feeds.
+    _read_task: asyncio.Task[None] | None
+
     def __init__(
         self,
         reader: asyncio.StreamReader,
@@ -65,7 +68,7 @@ class Client:
         self._closed = asyncio.Event()
         self._is_closed = False
         self._close_reason = "connection closed"
-        self._read_task: asyncio.Task[None] | None = None
+        self._read_task = None
 
     @classmethod
     def _over_protocol(cls, protocol: _ClientProtocol, max_message_size: int) -> Client:
