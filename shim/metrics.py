@@ -234,7 +234,18 @@ class _SourceRef:
         return pid if isinstance(pid, int) and pid > 0 else None
 
 
-class _ShimProcessCollector(Collector):
+class _FamiliesCollector(Collector):
+    """A collector whose metric families come from ``_families``: empty, they describe the collector
+    to the registry (no scrape-time reads at registration); filled in, ``collect`` returns them."""
+
+    def _families(self) -> Sequence[Metric]:
+        raise NotImplementedError
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families()
+
+
+class _ShimProcessCollector(_FamiliesCollector):
     def __init__(self, proc: Path) -> None:
         self._proc = proc
 
@@ -247,9 +258,6 @@ class _ShimProcessCollector(Collector):
             GaugeMetricFamily("pyvm_shim_open_fds", "File descriptors open in the shim process."),
             GaugeMetricFamily("pyvm_shim_threads", "Threads of the shim process."),
         )
-
-    def describe(self) -> Iterable[Metric]:
-        return self._families()
 
     def collect(self) -> Iterable[Metric]:
         cpu, rss, fds, threads = self._families()
@@ -266,7 +274,7 @@ class _ShimProcessCollector(Collector):
         return out
 
 
-class _HypervisorCollector(Collector):
+class _HypervisorCollector(_FamiliesCollector):
     def __init__(self, ref: _SourceRef, proc: Path) -> None:
         self._ref = ref
         self._proc = proc
@@ -292,9 +300,6 @@ class _HypervisorCollector(Collector):
             GaugeMetricFamily("pyvm_hypervisor_threads", "Threads of the VMM processes.", labels=["process"]),
         )
 
-    def describe(self) -> Iterable[Metric]:
-        return self._families()
-
     def collect(self) -> Iterable[Metric]:
         src = self._ref.source
         if src is None:
@@ -315,7 +320,7 @@ class _HypervisorCollector(Collector):
         return [m for m in (info, cpu, rss, threads) if m.samples]
 
 
-class _MemoryCollector(Collector):
+class _MemoryCollector(_FamiliesCollector):
     def __init__(self, ref: _SourceRef) -> None:
         self._ref = ref
 
@@ -331,9 +336,6 @@ class _MemoryCollector(Collector):
             GaugeMetricFamily("pyvm_memory_max_bytes", "The most memory the VM can grow to (maxmem)."),
             GaugeMetricFamily("pyvm_memory_target_bytes", "Memory the policy wants the VM to have now."),
         )
-
-    def describe(self) -> Iterable[Metric]:
-        return self._families()
 
     def collect(self) -> Iterable[Metric]:
         src = self._ref.source
@@ -351,7 +353,7 @@ class _MemoryCollector(Collector):
         return out
 
 
-class _GuestCollector(Collector):
+class _GuestCollector(_FamiliesCollector):
     def __init__(self, owner: ShimMetrics) -> None:
         self._owner = owner
 
@@ -385,9 +387,6 @@ class _GuestCollector(Collector):
             ),
         )
 
-    def describe(self) -> Iterable[Metric]:
-        return self._families()
-
     def collect(self) -> Iterable[Metric]:
         stats = self._owner.latest_guest_stats()
         if stats is None:
@@ -408,7 +407,7 @@ class _GuestCollector(Collector):
         return [m for m in (meminfo, load, mem_usage, mem_limit, cpu) if m.samples]
 
 
-class _PodOverheadCollector(Collector):
+class _PodOverheadCollector(_FamiliesCollector):
     """Host memory of the pod's processes, and the part of it that is not guest RAM.
 
     Guest RAM is a memfd (``share=on``) mapped by both QEMU and virtiofsd. PSS splits shared pages
@@ -435,9 +434,6 @@ class _PodOverheadCollector(Collector):
                 "Host memory of the pod's processes beyond the guest RAM they back (sum of PSS minus guest memory).",
             ),
         )
-
-    def describe(self) -> Iterable[Metric]:
-        return self._families()
 
     def collect(self) -> Iterable[Metric]:
         src = self._ref.source
