@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import platform
 import re
 import time
 from dataclasses import dataclass, field
@@ -55,7 +54,7 @@ def details(sysfs: Path = MEMORY_SYSFS, cgroup_root: Path = CGROUP_ROOT) -> Deta
         boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
         boot_id = ""
-    uname = platform.uname()
+    uname = os.uname()  # not platform.uname(): the platform module is slow to import under TCG
     return Details(
         memory_block_size=memory_block_size(sysfs),
         kernel_release=uname.release,
