@@ -6,8 +6,8 @@ Each shim serves its registry on ``SandboxDir.metrics_sock`` (mode 0600). The no
     curl --unix-socket /run/pyvm/sbs/<id>/metrics.sock http://shim/metrics
 
 One request per connection (``Connection: close``): the only client is a scraper every few seconds,
-so keep-alive would buy nothing and cost code. ``read_request``/``write_response`` are shared with the
-monitor's TCP server.
+so keep-alive would buy nothing and cost code. The connection envelope (``answer_one_request``) and
+``read_request``/``write_response`` are shared with the monitor's TCP server.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client import CollectorRegistry
@@ -100,6 +101,31 @@ async def close_writer(writer: asyncio.StreamWriter) -> None:
         await writer.wait_closed()
 
 
+Respond = Callable[[Request, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def answer_one_request(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, respond: Respond, *, log: Any, server: str
+) -> None:
+    """The envelope of one connection: read a request (400 if it is not one), let ``respond`` answer
+    it, close the connection. A peer that goes away is not an error; anything else ``respond`` raises
+    is logged (``<server> request failed`` on ``log``) and not re-raised. Raises only ``CancelledError``.
+    """
+    try:
+        try:
+            req = await read_request(reader)
+        except (BadRequest, TimeoutError) as exc:
+            await write_response(writer, 400, f"{exc}\n".encode())
+            return
+        await respond(req, writer)
+    except ConnectionError:
+        pass
+    except Exception as exc:
+        log.error(f"{server} request failed", error=repr(exc))
+    finally:
+        await close_writer(writer)
+
+
 class MetricsServer:
     """A running endpoint. ``await close()`` stops it and removes the socket file (idempotent)."""
 
@@ -143,27 +169,18 @@ async def serve_metrics(sock_path: Path | str, source: ShimMetrics | CollectorRe
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
 
+    async def respond(req: Request, writer: asyncio.StreamWriter) -> None:
+        if req.path != "/metrics":
+            await write_response(writer, 404, b"only /metrics here\n")
+            return
+        if req.method not in ("GET", "HEAD"):
+            await write_response(writer, 405, b"GET only\n", headers={"Allow": "GET, HEAD"})
+            return
+        body = await _render(source)
+        await write_response(writer, 200, body, content_type=CONTENT_TYPE, head_only=req.method == "HEAD")
+
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            try:
-                req = await read_request(reader)
-            except (BadRequest, TimeoutError) as exc:
-                await write_response(writer, 400, f"{exc}\n".encode())
-                return
-            if req.path != "/metrics":
-                await write_response(writer, 404, b"only /metrics here\n")
-                return
-            if req.method not in ("GET", "HEAD"):
-                await write_response(writer, 405, b"GET only\n", headers={"Allow": "GET, HEAD"})
-                return
-            body = await _render(source)
-            await write_response(writer, 200, body, content_type=CONTENT_TYPE, head_only=req.method == "HEAD")
-        except ConnectionError:
-            pass
-        except Exception as exc:
-            _log.error("metrics request failed", error=repr(exc))
-        finally:
-            await close_writer(writer)
+        await answer_one_request(reader, writer, respond, log=_log, server="metrics")
 
     server = await asyncio.start_unix_server(handle, path=os.fspath(path))
     try:
@@ -179,6 +196,8 @@ __all__ = [
     "BadRequest",
     "MetricsServer",
     "Request",
+    "Respond",
+    "answer_one_request",
     "close_writer",
     "read_request",
     "serve_metrics",

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from shim.log import get_logger
 from shim.metrics import CONTENT_TYPE, MonitorMetrics
-from shim.metrics_server import BadRequest, close_writer, read_request, write_response
+from shim.metrics_server import Request, answer_one_request, write_response
 from shim.monitor.discovery import SandboxTarget, discover
 from shim.monitor.relabel import Merger
 from shim.monitor.scrape import FailureReason, ScrapeFailure, fetch_metrics
@@ -107,45 +107,36 @@ class Monitor:
         return self.metrics.render() + merger.render()
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
+        await answer_one_request(reader, writer, self._respond, log=_log, server="monitor")
+
+    async def _respond(self, req: Request, writer: asyncio.StreamWriter) -> None:
+        if req.method not in ("GET", "HEAD"):
+            await write_response(writer, 405, b"GET only\n", headers={"Allow": "GET, HEAD"})
+            return
+        head_only = req.method == "HEAD"
+        if req.path == "/metrics":
+            prefixes = [p for v in req.query.get("filter_family", []) for p in v.split(",") if p]
             try:
-                req = await read_request(reader)
-            except (BadRequest, TimeoutError) as exc:
-                await write_response(writer, 400, f"{exc}\n".encode())
-                return
-            if req.method not in ("GET", "HEAD"):
-                await write_response(writer, 405, b"GET only\n", headers={"Allow": "GET, HEAD"})
-                return
-            head_only = req.method == "HEAD"
-            if req.path == "/metrics":
-                prefixes = [p for v in req.query.get("filter_family", []) for p in v.split(",") if p]
-                try:
-                    scraper_limit = float(req.headers.get("x-prometheus-scrape-timeout-seconds", ""))
-                except ValueError:
-                    scraper_limit = None
-                body = await self.collect(prefixes, scraper_limit)
-                headers = {}
-                if len(body) >= GZIP_MIN_BYTES and "gzip" in req.headers.get("accept-encoding", ""):
-                    body = gzip.compress(body, compresslevel=1)
-                    headers["Content-Encoding"] = "gzip"
-                await write_response(
-                    writer, 200, body, content_type=CONTENT_TYPE, headers=headers, head_only=head_only
-                )
-            elif req.path == "/sandboxes":
-                body = json.dumps([t.as_json() for t in self.sandboxes()], indent=1).encode() + b"\n"
-                await write_response(writer, 200, body, content_type="application/json", head_only=head_only)
-            elif req.path == "/healthz":
-                await write_response(writer, 200, b"ok\n", head_only=head_only)
-            elif req.path == "/":
-                await write_response(writer, 200, INDEX, head_only=head_only)
-            else:
-                await write_response(writer, 404, b"not found; see /\n", head_only=head_only)
-        except ConnectionError:
-            pass
-        except Exception as exc:
-            _log.error("monitor request failed", error=repr(exc))
-        finally:
-            await close_writer(writer)
+                scraper_limit = float(req.headers.get("x-prometheus-scrape-timeout-seconds", ""))
+            except ValueError:
+                scraper_limit = None
+            body = await self.collect(prefixes, scraper_limit)
+            headers = {}
+            if len(body) >= GZIP_MIN_BYTES and "gzip" in req.headers.get("accept-encoding", ""):
+                body = gzip.compress(body, compresslevel=1)
+                headers["Content-Encoding"] = "gzip"
+            await write_response(
+                writer, 200, body, content_type=CONTENT_TYPE, headers=headers, head_only=head_only
+            )
+        elif req.path == "/sandboxes":
+            body = json.dumps([t.as_json() for t in self.sandboxes()], indent=1).encode() + b"\n"
+            await write_response(writer, 200, body, content_type="application/json", head_only=head_only)
+        elif req.path == "/healthz":
+            await write_response(writer, 200, b"ok\n", head_only=head_only)
+        elif req.path == "/":
+            await write_response(writer, 200, INDEX, head_only=head_only)
+        else:
+            await write_response(writer, 404, b"not found; see /\n", head_only=head_only)
 
     async def start(self, host: str, port: int) -> asyncio.Server:
         """Listen on ``host:port`` (port 0: any free port; see ``server.sockets``)."""
