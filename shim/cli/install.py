@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -95,22 +96,27 @@ def run_install(args: argparse.Namespace) -> int:
     if args.runtime_path is not None and not Path(args.runtime_path).is_absolute():
         return _fail(f"--runtime-path {args.runtime_path} must be an absolute path")
     entry = cc.RuntimeEntry(config_path=str(cfg_path), name=args.runtime_name, runtime_path=args.runtime_path)
-    try:
-        outcome = installer.install(config, entry, dry_run=args.dry_run, new_version=args.config_version)
-    except ShimError as exc:
-        return _fail(str(exc))
-    except OSError as exc:  # disk full, read-only fs, ...: not a bad invocation
-        print(f"pyvm: writing {exc.filename or config} failed: {exc.strerror or exc}", file=sys.stderr)
-        return 1
-    return _finish(outcome, args)
+    return _change(
+        config,
+        lambda: installer.install(config, entry, dry_run=args.dry_run, new_version=args.config_version),
+        args,
+    )
 
 
 def run_uninstall(args: argparse.Namespace) -> int:
     from shim.install import installer
 
     config = args.containerd_config or installer.DEFAULT_CONTAINERD_CONFIG
+    return _change(
+        config, lambda: installer.uninstall(config, name=args.runtime_name, dry_run=args.dry_run), args
+    )
+
+
+def _change(config: Path, change: Callable[[], installer_mod.Outcome], args: argparse.Namespace) -> int:
+    """Run ``change`` (an install or uninstall of ``config``) and report it: exit 2 for what the
+    invocation or the files got wrong (``ShimError``), 1 if writing failed."""
     try:
-        outcome = installer.uninstall(config, name=args.runtime_name, dry_run=args.dry_run)
+        outcome = change()
     except ShimError as exc:
         return _fail(str(exc))
     except OSError as exc:  # disk full, read-only fs, ...: not a bad invocation
