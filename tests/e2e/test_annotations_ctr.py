@@ -7,19 +7,18 @@ The check runs before the VM boots, so these cost no VM; nothing may be left beh
 from __future__ import annotations
 
 import shutil
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_ctr_vm import RUNTIME, Env, _skip_reason
+from tests.e2e.test_ctr_vm import Env, _skip_reason
 from tests.helpers.containerd import BUSYBOX_REF, Containerd, build_busybox_image, short_base_dir
+from tests.helpers.pyvm_vm import RUNTIME, VENV_BIN
 
 pytestmark = [pytest.mark.containerd]
 
 REPO = Path(__file__).resolve().parents[2]
-VENV_BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ these checks show the same binary contract still holds. Both the daemon and ``ct
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import subprocess
@@ -19,14 +18,12 @@ import pytest
 
 from tests.helpers.containerd import BUSYBOX_REF, Containerd, build_busybox_image, short_base_dir
 from tests.helpers.pyvm_vm import (
-    GUEST,
     RUNTIME,
     VENV_BIN,
-    force_clean,
-    mounts_under,
+    guest_kernel_release,
     qemu_pids,
+    remove_leftovers,
     sandbox_leftovers,
-    virtiofsd_pids,
     vm_skip_reason,
     wait_for,
     write_config,
@@ -37,11 +34,6 @@ pytestmark = [pytest.mark.containerd, pytest.mark.vm, pytest.mark.slow, pytest.m
 CONTAINERD17_DIR = Path(os.environ.get("PYVM_CONTAINERD17_DIR", "/var/cache/pyvm/containerd-1.7"))
 CONTAINERD17 = CONTAINERD17_DIR / "bin" / "containerd"
 CTR17 = CONTAINERD17_DIR / "bin" / "ctr"
-
-
-def _guest_kernel() -> str:
-    """The kernel release of the installed guest image, from its manifest."""
-    return str(json.loads((GUEST / "manifest.json").read_text())["kernel"]["release"])
 
 
 @pytest.fixture
@@ -70,11 +62,7 @@ def containerd17() -> Iterator[tuple[Containerd, Path, Path]]:
             c.import_image(build_busybox_image(base / "bb.tar"))
             yield c, run_root, cfg
     finally:
-        left = [f"qemu {p}" for p in qemu_pids(run_root)] + [
-            f"virtiofsd {p}" for p in virtiofsd_pids(run_root)
-        ]
-        left += [f"mount {m}" for m in mounts_under(base)]
-        force_clean(base, run_root)
+        left = remove_leftovers(base, run_root)
         assert left == [], left
 
 
@@ -88,7 +76,7 @@ def test_ctr_run_exec_and_exit_codes_on_containerd17(containerd17: tuple[Contain
     guest_kernel = r.stdout.strip()
     assert r.returncode == 7, (r.returncode, r.stdout, r.stderr, c.log_tail())
     assert guest_kernel and guest_kernel != host_kernel, (guest_kernel, host_kernel)
-    assert guest_kernel == _guest_kernel()
+    assert guest_kernel == guest_kernel_release()
     assert sandbox_leftovers(run_root, "once", containerd_address=c.address, namespace="default") == []
 
     # a detached task: exec output and exit codes, kill, delete

@@ -26,13 +26,11 @@ from tests.helpers.containerd import short_base_dir
 from tests.helpers.cri import CriContainerd, linux_resources, missing_prerequisites
 from tests.helpers.pyvm_vm import (
     VENV_BIN,
-    force_clean,
     host_boot_id,
     meminfo_kib,
-    mounts_under,
     qemu_pids,
+    remove_leftovers,
     sandbox_leftovers,
-    virtiofsd_pids,
     vm_skip_reason,
     wait_for,
     write_config,
@@ -70,10 +68,7 @@ def cri_pyvm(request: pytest.FixtureRequest) -> Iterator[tuple[CriContainerd, Pa
         yield h, run_root
     finally:
         h.stop()
-        left = h.leftovers() + [f"qemu {p}" for p in qemu_pids(run_root)]
-        left += [f"virtiofsd {p}" for p in virtiofsd_pids(run_root)]
-        left += [f"mount {m}" for m in mounts_under(base)]
-        force_clean(base, run_root)
+        left = h.leftovers() + remove_leftovers(base, run_root)
         assert left == [], left
 
 

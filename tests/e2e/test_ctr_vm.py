@@ -9,7 +9,6 @@ left: no QEMU, virtiofsd or shim process, no mount under the run root, no sandbo
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import platform
 import pty
@@ -18,7 +17,6 @@ import shutil
 import signal
 import struct
 import subprocess
-import sys
 import termios
 import time
 from collections.abc import Iterator
@@ -26,31 +24,22 @@ from pathlib import Path
 
 import pytest
 
-from shim.paths import guest_dir
 from tests.helpers.containerd import BUSYBOX_REF, Containerd, build_busybox_image, short_base_dir
+from tests.helpers.pyvm_vm import GUEST, RUNTIME, VENV_BIN, guest_kernel_release, shim_skip_reason
 
 pytestmark = [pytest.mark.containerd, pytest.mark.vm, pytest.mark.slow]
 
-RUNTIME = "io.containerd.pyvm.v2"
-VENV_BIN = Path(sys.executable).parent
-SHIM = VENV_BIN / "containerd-shim-pyvm-v2"
 #: one VM boot + the container under TCG; generous because other engineers' VMs share the 2 cores
 RUN_TIMEOUT = 300
 
 
 def _skip_reason() -> str | None:
-    reason = Containerd.available()
+    reason = shim_skip_reason()
     if reason:
         return reason
-    if not SHIM.exists():
-        return f"{SHIM} is not installed (run hack/setup.sh)"
-    if not (guest_dir("x86_64") / "manifest.json").exists():
+    if not (GUEST / "manifest.json").exists():
         return "no guest image: .venv/bin/pyvm guest build --arch x86_64"
     return None
-
-
-def guest_release() -> str:
-    return json.loads((guest_dir("x86_64") / "manifest.json").read_text())["kernel"]["release"]
 
 
 class Env:
@@ -119,7 +108,7 @@ def vm_env(env: Env) -> Iterator[Env]:
 
 def test_guest_kernel_and_exit_code(vm_env: Env) -> None:
     r = vm_env.run("kexit", "sh", "-c", "uname -r; exit 7")
-    release = guest_release()
+    release = guest_kernel_release()
     assert r.stdout.strip() == release, (r.stdout, r.stderr, vm_env.c.log_tail())
     assert r.returncode == 7, r.stderr
     if platform.release() != release:

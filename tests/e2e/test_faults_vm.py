@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import time
@@ -30,10 +29,9 @@ from tests.helpers.pyvm_vm import (
     RUNTIME,
     VENV_BIN,
     host_boot_id,
-    mounts_under,
     qemu_pids,
+    remove_leftovers,
     sandbox_leftovers,
-    virtiofsd_pids,
     vm_skip_reason,
     wait_for,
     write_config,
@@ -62,14 +60,7 @@ def pyvm_containerd() -> Iterator[tuple[Containerd, Path, Path]]:
             c.import_image(build_busybox_image(base / "bb.tar"))
             yield c, run_root, cfg
     finally:
-        left = [f"qemu {p}" for p in qemu_pids(run_root)] + [
-            f"virtiofsd {p}" for p in virtiofsd_pids(run_root)
-        ]
-        for pid in qemu_pids(run_root) + virtiofsd_pids(run_root):
-            os.kill(pid, signal.SIGKILL)
-        left += [f"mount {m}" for m in mounts_under(base)]
-        if not mounts_under(base):  # never rmtree through a mount
-            shutil.rmtree(base, ignore_errors=True)
+        left = remove_leftovers(base, run_root)
         assert left == [], left
 
 

@@ -16,11 +16,11 @@ as containerd 1.6/1.7 drive it) and both transcripts must be equal.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
 import signal
-import subprocess
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -40,11 +40,10 @@ from tests.helpers.containerd import short_base_dir
 from tests.helpers.pyvm_vm import (
     GUEST,
     SHIM,
+    force_clean,
     mounts_under,
     pids_mentioning,
-    qemu_pids,
     sandbox_leftovers,
-    virtiofsd_pids,
     vm_skip_reason,
     write_config,
 )
@@ -71,16 +70,11 @@ def base() -> Iterator[Path]:
     try:
         yield d
     finally:
-        # whatever a failed run left: shim daemons, VMs, mounts (never rmtree through a mount)
-        for pid in pids_mentioning(str(d)) + qemu_pids(d / "r") + virtiofsd_pids(d / "r"):
-            try:
+        # whatever a failed run left: shim daemons, then VMs, mounts and files
+        for pid in pids_mentioning(str(d)):
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        for m in sorted(mounts_under(d), key=len, reverse=True):
-            subprocess.run(["umount", "-l", m], check=False)
-        if not mounts_under(d):
-            shutil.rmtree(d, ignore_errors=True)
+        force_clean(d, d / "r")
 
 
 def _lower_dir(d: Path) -> Path:

@@ -215,14 +215,12 @@ def test_installed_config_runs_a_pyvm_pod():
     from tests.helpers.containerd import short_base_dir
     from tests.helpers.cri import CriContainerd, missing_prerequisites
     from tests.helpers.pyvm_vm import (
-        GUEST,
         VENV_BIN,
-        force_clean,
+        guest_kernel_release,
         host_boot_id,
-        mounts_under,
         qemu_pids,
+        remove_leftovers,
         sandbox_leftovers,
-        virtiofsd_pids,
         vm_skip_reason,
         wait_for,
     )
@@ -231,7 +229,7 @@ def test_installed_config_runs_a_pyvm_pod():
     reason = vm_skip_reason()
     if missing or reason:
         pytest.skip(f"needs: {', '.join(missing) or reason}")
-    guest_release = json.loads((GUEST / "manifest.json").read_text())["kernel"]["release"]
+    guest_release = guest_kernel_release()
     # short: <run root>/sbs/<64-hex pod id>/virtiofsd.sock must fit a unix socket path
     workdir = short_base_dir("pi")
     run_root = workdir / "r"
@@ -281,8 +279,5 @@ def test_installed_config_runs_a_pyvm_pod():
         assert h.config_path.read_bytes() == (h.workdir / "original.toml").read_bytes()
     finally:
         h.stop()
-        left = h.leftovers() + [f"qemu {p}" for p in qemu_pids(run_root)]
-        left += [f"virtiofsd {p}" for p in virtiofsd_pids(run_root)]
-        left += [f"mount {m}" for m in mounts_under(workdir)]
-        force_clean(workdir, run_root)
+        left = h.leftovers() + remove_leftovers(workdir, run_root)
         assert left == [], left

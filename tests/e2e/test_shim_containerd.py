@@ -23,7 +23,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,22 +35,11 @@ from tests.helpers.containerd import (
     build_busybox_image,
     short_base_dir,
 )
+from tests.helpers.pyvm_vm import RUNTIME, VENV_BIN, shim_skip_reason
 
 pytestmark = [pytest.mark.containerd, pytest.mark.slow]
 
-RUNTIME = "io.containerd.pyvm.v2"
-VENV_BIN = Path(sys.executable).parent
-SHIM = VENV_BIN / "containerd-shim-pyvm-v2"
 SOCKET_DIR = Path("/run/containerd/s")
-
-
-def _skip_reason() -> str | None:
-    reason = Containerd.available()
-    if reason:
-        return reason
-    if not SHIM.exists():
-        return f"{SHIM} is not installed (run hack/setup.sh)"
-    return None
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +54,7 @@ def image_tar() -> Iterator[Path]:
 
 
 def _instance(image_tar: Path, *, fake: bool) -> Iterator[tuple[Containerd, Path]]:
-    reason = _skip_reason()
+    reason = shim_skip_reason()
     if reason:
         pytest.skip(reason)
     run_root = short_base_dir("pyvm-run-")

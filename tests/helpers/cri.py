@@ -59,6 +59,8 @@ import grpc
 from cri_api.v1 import api_pb2 as cri
 from cri_api.v1 import api_pb2_grpc as cri_grpc
 
+from tests.helpers.pyvm_vm import mounts_under, unescape_mountinfo
+
 log = logging.getLogger("pyvm.tests.cri")
 
 REPO = Path(__file__).resolve().parents[2]
@@ -598,7 +600,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
     def leftovers(self) -> list[str]:
         """What this harness left behind (empty after a clean teardown)."""
         found = []
-        for m in _mounts_under(self.workdir):
+        for m in mounts_under(self.workdir):
             found.append(f"mount {m}")
         for p in self._pod_netns:
             if p.exists():
@@ -677,7 +679,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 
     def _unmount_leftovers(self) -> None:
         for _ in range(5):
-            mounts = _mounts_under(self.workdir)
+            mounts = mounts_under(self.workdir)
             if not mounts:
                 return
             for m in sorted(mounts, key=lambda p: -len(Path(p).parts)):
@@ -717,8 +719,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
     def _remove_files(self) -> None:
         if self.keep_workdir or not self.workdir.exists():
             return
-        if _mounts_under(self.workdir):
-            raise RuntimeError(f"not removing {self.workdir}: mounts remain {_mounts_under(self.workdir)}")
+        if mounts_under(self.workdir):
+            raise RuntimeError(f"not removing {self.workdir}: mounts remain {mounts_under(self.workdir)}")
         shutil.rmtree(self.workdir)
 
     def _dump_log_tail(self) -> None:
@@ -750,30 +752,6 @@ def _list_netns() -> set[str]:
     return {p.name for p in NETNS_DIR.iterdir()} if NETNS_DIR.exists() else set()
 
 
-def _unescape(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and len(field[i + 1 : i + 4]) == 3 and field[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
-def _mounts_under(path: Path) -> list[str]:
-    prefix = str(path)
-    found = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            mp = _unescape(line.split()[4])
-            if mp == prefix or mp.startswith(prefix + "/"):
-                found.append(mp)
-    return found
-
-
 def _procs_mentioning(needle: str) -> list[tuple[int, str]]:
     out = []
     for d in Path("/proc").iterdir():
@@ -796,7 +774,7 @@ def _cgroup_hierarchies() -> list[Path]:
             left, _, right = line.partition(" - ")
             fstype = right.split()[0] if right else ""
             if fstype in ("cgroup", "cgroup2"):
-                out.append(Path(_unescape(left.split()[4])))
+                out.append(Path(unescape_mountinfo(left.split()[4])))
     return out
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -24,6 +25,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from shim import paths
+from tests.helpers.containerd import Containerd
 
 VENV_BIN = Path(sys.executable).parent
 SHIM_NAME = "containerd-shim-pyvm-v2"
@@ -33,6 +35,16 @@ GUEST = paths.guest_dir("x86_64")
 QEMU = Path("/usr/bin/qemu-system-x86_64")
 VIRTIOFSD = Path("/usr/lib/qemu/virtiofsd")
 SHIM_SOCKET_DIR = Path("/run/containerd/s")
+
+
+def shim_skip_reason() -> str | None:
+    """Why this host cannot run our shim under a private containerd (None if it can); no VM needed."""
+    reason = Containerd.available()
+    if reason:
+        return reason
+    if not SHIM.exists():
+        return f"{SHIM} is not installed (run hack/setup.sh)"
+    return None
 
 
 def vm_skip_reason() -> str | None:
@@ -45,6 +57,11 @@ def vm_skip_reason() -> str | None:
     if shutil.which("containerd") is None:
         return "containerd is not installed"
     return None
+
+
+def guest_kernel_release() -> str:
+    """The kernel release of the installed guest image, from its manifest."""
+    return str(json.loads((GUEST / "manifest.json").read_text())["kernel"]["release"])
 
 
 def write_config(path: Path, **hypervisor: object) -> Path:
@@ -123,10 +140,11 @@ def shim_socket(containerd_address: str, namespace: str, sandbox_id: str) -> Pat
     return SHIM_SOCKET_DIR / hashlib.sha256(joined.encode()).hexdigest()
 
 
-def _unescape(field: str) -> str:
+def unescape_mountinfo(field: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as ``\\ooo``."""
     out, i = [], 0
     while i < len(field):
-        if field[i] == "\\" and field[i + 1 : i + 4].isdigit():
+        if field[i] == "\\" and len(field[i + 1 : i + 4]) == 3 and field[i + 1 : i + 4].isdigit():
             out.append(chr(int(field[i + 1 : i + 4], 8)))
             i += 4
         else:
@@ -136,9 +154,10 @@ def _unescape(field: str) -> str:
 
 
 def mounts_under(path: Path | str) -> list[str]:
+    """Mount points at or below ``path``, in mountinfo order."""
     prefix = str(path).rstrip("/")
     with open("/proc/self/mountinfo") as f:
-        points = [_unescape(line.split()[4]) for line in f]
+        points = [unescape_mountinfo(line.split()[4]) for line in f]
     return [m for m in points if m == prefix or m.startswith(prefix + "/")]
 
 
@@ -194,6 +213,16 @@ def force_clean(base: Path, run_root: Path) -> None:
         shutil.rmtree(base, ignore_errors=True)
 
 
+def remove_leftovers(base: Path, run_root: Path) -> list[str]:
+    """What a test's VMs left — QEMU and virtiofsd processes under ``run_root``, mounts under ``base`` —
+    as ``["qemu <pid>", "virtiofsd <pid>", "mount <path>"]``, after removing all of it and ``base``
+    (``force_clean``). A fixture asserts the list is empty once its containerd has stopped."""
+    left = [f"qemu {p}" for p in qemu_pids(run_root)] + [f"virtiofsd {p}" for p in virtiofsd_pids(run_root)]
+    left += [f"mount {m}" for m in mounts_under(base)]
+    force_clean(base, run_root)
+    return left
+
+
 def host_boot_id() -> str:
     return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
 
@@ -213,14 +242,18 @@ __all__ = [
     "SHIM_NAME",
     "VENV_BIN",
     "force_clean",
+    "guest_kernel_release",
     "host_boot_id",
     "meminfo_kib",
     "mounts_under",
     "pids_mentioning",
     "qemu_pids",
+    "remove_leftovers",
     "sandbox_leftovers",
     "shim_pids",
+    "shim_skip_reason",
     "shim_socket",
+    "unescape_mountinfo",
     "virtiofsd_pids",
     "vm_skip_reason",
     "wait_clean",
