@@ -35,7 +35,8 @@ from google.protobuf import empty_pb2  # noqa: E402
 
 from shim._pb.containerd.task.v2 import shim_pb2  # noqa: E402
 from shim.ttrpc import Client  # noqa: E402
-from tests.helpers.containerd import BUSYBOX_REF, Containerd, build_busybox_image, short_base_dir  # noqa: E402
+from tests.helpers.containerd import Containerd  # noqa: E402
+from tests.helpers.pyvm_vm import runc_and_pyvm_sleepers  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
 SHIM = VENV_BIN / "containerd-shim-pyvm-v2"
@@ -103,39 +104,15 @@ async def _state_p50(socket_path: str, cid: str, m: int) -> float:
 
 def bench_state(m: int, rounds: int) -> tuple[list[float], list[float]]:
     """Per-round State p50s (ours, runc's), the two shims alternating within each round."""
-    run_root = short_base_dir("pyvm-bench-run-")
-    env = {
-        "PYVM_RUN_ROOT": str(run_root),
-        "PYVM_TEST_BACKEND": "shim.testing.fake_backend:FakeBackend",
-        "PYVM_ENABLE_TEST_SEAMS": "1",
-    }
-    img = short_base_dir("pyvm-bench-img-")
-    try:
-        with Containerd(extra_path=[VENV_BIN], env=env) as c:
-            c.import_image(build_busybox_image(img / "bb.tar"))
-            c.ctr("run", "-d", BUSYBOX_REF, "runc1", "sleep", "600", check=True)
-            c.ctr(
-                "run",
-                "-d",
-                "--runtime",
-                "io.containerd.pyvm.v2",
-                BUSYBOX_REF,
-                "pyvm1",
-                "sleep",
-                "600",
-                check=True,
-            )
-            targets = {"runc": ("runc1", c.shim_address("runc1")), "pyvm": ("pyvm1", c.shim_address("pyvm1"))}
-            p50: dict[str, list[float]] = {"runc": [], "pyvm": []}
-            for r in range(rounds):
-                order = ("runc", "pyvm") if r % 2 == 0 else ("pyvm", "runc")
-                for name in order:
-                    cid, address = targets[name]
-                    p50[name].append(asyncio.run(_state_p50(address, cid, m)))
-            return p50["pyvm"], p50["runc"]
-    finally:
-        shutil.rmtree(run_root, ignore_errors=True)
-        shutil.rmtree(img, ignore_errors=True)
+    with runc_and_pyvm_sleepers("pyvm-bench-") as c:
+        targets = {"runc": ("runc1", c.shim_address("runc1")), "pyvm": ("pyvm1", c.shim_address("pyvm1"))}
+        p50: dict[str, list[float]] = {"runc": [], "pyvm": []}
+        for r in range(rounds):
+            order = ("runc", "pyvm") if r % 2 == 0 else ("pyvm", "runc")
+            for name in order:
+                cid, address = targets[name]
+                p50[name].append(asyncio.run(_state_p50(address, cid, m)))
+        return p50["pyvm"], p50["runc"]
 
 
 def main() -> int:

@@ -175,34 +175,13 @@ def main() -> int:
         # name -> (socket path, container id, server pid)
         targets: dict[str, tuple[str, str, int]] = {"bare-ttrpc": (sock, "c1", proc.pid)}
         if args.containerd:
-            from tests.helpers.containerd import BUSYBOX_REF, Containerd, build_busybox_image, short_base_dir
+            from tests.helpers.containerd import Containerd
+            from tests.helpers.pyvm_vm import runc_and_pyvm_sleepers
 
             reason = Containerd.available()
             if reason:
                 raise SystemExit(f"--containerd: {reason}")
-            run_root = short_base_dir("bt-run-")
-            img = short_base_dir("bt-img-")
-            stack.callback(shutil.rmtree, run_root, True)
-            stack.callback(shutil.rmtree, img, True)
-            env = {
-                "PYVM_RUN_ROOT": str(run_root),
-                "PYVM_TEST_BACKEND": "shim.testing.fake_backend:FakeBackend",
-                "PYVM_ENABLE_TEST_SEAMS": "1",
-            }
-            c = stack.enter_context(Containerd(extra_path=[Path(sys.executable).parent], env=env))
-            c.import_image(build_busybox_image(img / "bb.tar"))
-            c.ctr("run", "-d", BUSYBOX_REF, "runc1", "sleep", "600", check=True)
-            c.ctr(
-                "run",
-                "-d",
-                "--runtime",
-                "io.containerd.pyvm.v2",
-                BUSYBOX_REF,
-                "pyvm1",
-                "sleep",
-                "600",
-                check=True,
-            )
+            c = stack.enter_context(runc_and_pyvm_sleepers("bt-"))
             for name, cid in (("runc-shim", "runc1"), ("pyvm-shim", "pyvm1")):
                 addr = c.shim_address(cid).removeprefix("unix://")
                 targets[name] = (addr, cid, _shim_pid(addr))

@@ -35,7 +35,7 @@ from tests.helpers.containerd import (
     build_busybox_image,
     short_base_dir,
 )
-from tests.helpers.pyvm_vm import RUNTIME, VENV_BIN, shim_skip_reason
+from tests.helpers.pyvm_vm import FAKE_VM_ENV, RUNTIME, VENV_BIN, shim_skip_reason
 
 pytestmark = [pytest.mark.containerd, pytest.mark.slow]
 
@@ -65,10 +65,7 @@ def _instance(image_tar: Path, *, fake: bool) -> Iterator[tuple[Containerd, Path
     cfg.write_text(shipped.replace("/var/lib/pyvm/guest", str(no_guest)))
     env = {"PYVM_RUN_ROOT": str(run_root), "PYVM_GUEST_ROOT": str(no_guest), "PYVM_CONFIG": str(cfg)}
     if fake:
-        env |= {
-            "PYVM_TEST_BACKEND": "shim.testing.fake_backend:FakeBackend",
-            "PYVM_ENABLE_TEST_SEAMS": "1",
-        }
+        env |= FAKE_VM_ENV
     c = Containerd(extra_path=[VENV_BIN], env=env)
     try:
         with c:

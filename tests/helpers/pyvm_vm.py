@@ -21,11 +21,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from shim import paths
-from tests.helpers.containerd import Containerd
+from tests.helpers.containerd import BUSYBOX_REF, Containerd, build_busybox_image, short_base_dir
 
 VENV_BIN = Path(sys.executable).parent
 SHIM_NAME = "containerd-shim-pyvm-v2"
@@ -35,6 +35,9 @@ GUEST = paths.guest_dir("x86_64")
 QEMU = Path("/usr/bin/qemu-system-x86_64")
 VIRTIOFSD = Path("/usr/lib/qemu/virtiofsd")
 SHIM_SOCKET_DIR = Path("/run/containerd/s")
+#: containerd's environment for pyvm shims that fake only the VM (the explicit test seam, an in-memory
+#: process that runs until killed); start/serve/ttrpc/events/delete are the real code.
+FAKE_VM_ENV = {"PYVM_TEST_BACKEND": "shim.testing.fake_backend:FakeBackend", "PYVM_ENABLE_TEST_SEAMS": "1"}
 
 
 def shim_skip_reason() -> str | None:
@@ -62,6 +65,24 @@ def vm_skip_reason() -> str | None:
 def guest_kernel_release() -> str:
     """The kernel release of the installed guest image, from its manifest."""
     return str(json.loads((GUEST / "manifest.json").read_text())["kernel"]["release"])
+
+
+@contextlib.contextmanager
+def runc_and_pyvm_sleepers(prefix: str) -> Iterator[Containerd]:
+    """A private containerd running ``sleep 600`` as ``runc1`` (the runc shim) and as ``pyvm1`` (our
+    shim, VM faked by ``FAKE_VM_ENV``): the pair the shim benchmarks compare. Needs root. The
+    containerd is stopped and the temp dirs (``/tmp/<prefix>run-*``, ``<prefix>img-*``) removed on exit."""
+    run_root = short_base_dir(f"{prefix}run-")
+    img = short_base_dir(f"{prefix}img-")
+    try:
+        with Containerd(extra_path=[VENV_BIN], env={"PYVM_RUN_ROOT": str(run_root), **FAKE_VM_ENV}) as c:
+            c.import_image(build_busybox_image(img / "bb.tar"))
+            c.ctr("run", "-d", BUSYBOX_REF, "runc1", "sleep", "600", check=True)
+            c.ctr("run", "-d", "--runtime", RUNTIME, BUSYBOX_REF, "pyvm1", "sleep", "600", check=True)
+            yield c
+    finally:
+        shutil.rmtree(run_root, ignore_errors=True)
+        shutil.rmtree(img, ignore_errors=True)
 
 
 def write_config(path: Path, **hypervisor: object) -> Path:
@@ -235,6 +256,7 @@ def meminfo_kib(text: str, key: str = "MemTotal") -> int:
 
 
 __all__ = [
+    "FAKE_VM_ENV",
     "GUEST",
     "QEMU",
     "RUNTIME",
@@ -249,6 +271,7 @@ __all__ = [
     "pids_mentioning",
     "qemu_pids",
     "remove_leftovers",
+    "runc_and_pyvm_sleepers",
     "sandbox_leftovers",
     "shim_pids",
     "shim_skip_reason",
