@@ -244,7 +244,7 @@ def main() -> int:
     # the configuration the shims will use (--config, else PYVM_CONFIG, /etc/pyvm/..., built-in
     # defaults), handed to them explicitly so the floor and pyvm boot the same settings
     cfg = config.load(args.config)
-    cfg_path = cfg.source
+    cfg_path = cfg.source.resolve() if cfg.source else None  # the shims run in their bundle dirs
     # probe (or read the cached verdict) now, so no timed run pays for the accelerator probe
     target = accel.target_for(cfg.hypervisor)
     verdict = accel.resolve(cfg.hypervisor.accelerator, asyncio.run(accel.get_verdict(target)))
