@@ -9,6 +9,7 @@ echo "==> static checks"
 python hack/gen_proto.py --check
 ruff check shim tests hack
 lint-imports --no-cache
+mypy shim
 echo "==> tests"
 if [ $# -gt 0 ]; then
   exec python -m pytest "$@"
