@@ -16,7 +16,7 @@ host instead of a constant. Under working KVM the factor comes from the KVM floo
 (a slow nested host gets proportionally longer timeouts).
 
 The verdict is cached in ``<CACHE_ROOT>/accel.json`` per (host kernel release, QEMU path+version, guest
-arch, guest kernel path+size+mtime); a file lock keeps concurrent shims from probing at once.
+arch, guest kernel content); a file lock keeps concurrent shims from probing at once.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
+import hashlib
 import json
 import os
 import time
@@ -96,10 +98,25 @@ def host_arch() -> str:
     return {"amd64": "x86_64", "arm64": "aarch64"}.get(m, m)
 
 
+@functools.lru_cache(maxsize=8)
+def _kernel_digest(path: Path, size: int, mtime_ns: int) -> str:
+    """Content digest of the guest kernel (memoized per path/size/mtime within one process)."""
+    h = hashlib.blake2b(digest_size=12)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def cache_key(t: ProbeTarget) -> str:
+    """What the verdict depends on: host kernel, QEMU binary and version, arch, guest kernel *content*.
+
+    The guest kernel is identified by its content, not its mtime: a guest image rebuild rewrites the
+    same kernel, and keying on mtime made the first shim after every rebuild pay a new probe (3-11 s).
+    """
     try:
         st = t.kernel.stat()
-        kid = f"{t.kernel}:{st.st_size}:{st.st_mtime_ns}"
+        kid = f"{st.st_size}:{_kernel_digest(t.kernel.resolve(), st.st_size, st.st_mtime_ns)}"
     except OSError:
         kid = f"{t.kernel}:missing"
     qv = qemu_info(t.qemu).version

@@ -87,3 +87,20 @@ async def test_get_verdict_probes_once_then_uses_cache(
     assert a == b and len(calls) == 1
     await accel.get_verdict(t, refresh=True)
     assert len(calls) == 2
+
+
+def test_cache_key_follows_kernel_content_not_mtime(tmp_path, monkeypatch):
+    """Regression: every guest rebuild (same kernel, new mtime) used to force a new KVM probe."""
+    import os
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(accel, "qemu_info", lambda path: SimpleNamespace(version="7.2.22"))
+
+    k = tmp_path / "vmlinuz"
+    k.write_bytes(b"kernel-1" * 1000)
+    t = accel.ProbeTarget(qemu=Path("/bin/true"), arch="x86_64", kernel=k, floor_initrd=k)
+    first = accel.cache_key(t)
+    os.utime(k, ns=(1, 1))
+    assert accel.cache_key(t) == first
+    k.write_bytes(b"kernel-2" * 1000)
+    assert accel.cache_key(t) != first
