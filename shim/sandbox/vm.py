@@ -639,11 +639,23 @@ class VmSandbox:
         read = agent.read_stdout if which == "stdout" else agent.read_stderr
         sink = p.io.stdout if which == "stdout" else p.io.stderr
         assert sink is not None
+        broken = False
         while True:
             out = await read(p.container_id, p.exec_id)
             if out.eof:
                 return
-            await sink.write(out.data)
+            if broken:
+                continue  # keep draining: a stream nobody reads must not block the process
+            try:
+                await sink.write(out.data)
+            except OSError as exc:  # EPIPE: a binary:// logger died; ENOSPC/EIO: a file:// sink
+                broken = True
+                log.warning(
+                    f"cannot write the process's {which}; discarding the rest of it",
+                    container_id=p.container_id,
+                    exec_id=p.exec_id or None,
+                    error=str(exc),
+                )
 
     async def _relay_in(self, p: _Proc) -> None:
         agent = self._agent()

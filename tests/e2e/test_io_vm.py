@@ -401,3 +401,21 @@ def test_kill_created_never_started_task(vm_env: Env) -> None:
             c.ctr("task", "kill", "-s", "SIGKILL", cid)
             c.ctr("task", "delete", "--force", cid)
         c.ctr("container", "delete", cid)
+
+
+def test_binary_logger_that_dies_does_not_block_the_container(vm_env: Env) -> None:
+    """A logger that exits right away (its fds 3/4 closed): the container's output cannot be
+    delivered, but the container still runs to its end and its exit code is reported (runc's
+    process would get EPIPE; it must never hang on a stream nobody reads)."""
+    d = _subdir(vm_env, "deadlog")
+    logger = d / "logger.sh"
+    logger.write_text("#!/bin/sh\necho $$ > " + str(d / "pid") + "\nexit 0\n")
+    logger.chmod(0o755)
+    script = "head -c 8388608 /dev/zero; echo end >&2; exit 6"  # 8 MiB: more than any buffer
+    r = vm_env.c.ctr(
+        "run", "--rm", "--log-uri", f"binary://{logger}", "--runtime", RUNTIME, BUSYBOX_REF, "deadlog",
+        "sh", "-c", script,
+        timeout=RUN_TIMEOUT,
+    )  # fmt: skip
+    assert r.returncode == 6, (r.stdout, r.stderr, vm_env.c.log_tail())
+    vm_env.assert_clean(extra_pids=(int((d / "pid").read_text()),))
