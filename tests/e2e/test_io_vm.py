@@ -3,8 +3,10 @@
 - ``file://`` log URI: stdout and stderr land in one file, complete when ``ctr run`` returns;
 - ``binary://`` logger protocol: fds 3/4/5, the two env vars, ``k v`` args, byte-exact output, the
   logger gone after the container is removed;
-- one VM for a terminal exec (``ctr task exec -t``: ``stty size`` sees the client's pty) and for
-  ~2 MiB of numbered stdout lines interleaved with stderr lines (complete, in order, exit code);
+- a logger that dies at once: the container is not blocked by output nobody can read;
+- one VM for a terminal exec (``ctr task exec -t``: ``stty size`` sees the client's pty), execs with
+  ``file://`` and ``binary://`` log URIs, and ~2 MiB of numbered stdout lines interleaved with
+  stderr lines (complete, in order, exit code);
 - a created-but-never-started task: ``ctr`` 1.6 has no ``task create`` (``ctr task start`` and
   ``ctr run`` create *and* start), so the test calls containerd's own gRPC Tasks API (Create, Wait,
   Kill, Delete) the way the Go client does: Kill(SIGKILL) stops it with 137 and releases Wait.
@@ -259,6 +261,29 @@ def test_exec_tty_and_output_volume(vm_env: Env) -> None:
         assert code == 0, text
         assert "21 77" in text, text
         assert "/dev/pts/" in text, text
+
+        # exec processes with log URIs: a file, and a logger that is told the container's id
+        elog = d / "exec.log"
+        e = vm_env.c.ctr(
+            "task", "exec", "--log-uri", f"file://{elog}", "--exec-id", "f1", "vol",
+            "sh", "-c", "echo eo; echo ee >&2; exit 2",
+        )  # fmt: skip
+        assert e.returncode == 2, e.stderr
+        assert sorted(elog.read_text().splitlines()) == ["ee", "eo"], elog.read_text()
+        bl = _subdir(vm_env, "execlog")
+        (bl / "logger.py").write_text(LOGGER.format(out=str(bl)))
+        (bl / "logger.py").chmod(0o755)
+        e = vm_env.c.ctr(
+            "task", "exec", "--log-uri", f"binary://{bl / 'logger.py'}?a=b", "--exec-id", "b1", "vol",
+            "sh", "-c", "echo bo; echo be >&2",
+        )  # fmt: skip
+        assert e.returncode == 0, e.stderr
+        info = json.loads((bl / "info.json").read_text())
+        assert info["argv"] == ["a", "b"] and info["env"]["CONTAINER_ID"] == "vol", info
+        wait_for(lambda: (bl / "done").exists(), 15, "the exec's logger to see EOF")
+        assert (bl / "stdout").read_bytes() == b"bo\n"
+        assert (bl / "stderr").read_bytes() == b"be\n"
+        wait_for(lambda: not _alive(info["pid"]), 20, f"exec logger pid {info['pid']} to exit")
 
         e = vm_env.c.ctr("task", "exec", "--exec-id", "go", "vol", "touch", "/tmp/go")
         assert e.returncode == 0, e.stderr
