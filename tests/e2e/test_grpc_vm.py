@@ -199,6 +199,10 @@ async def _script(
         pb.CreateTaskResponse,
     )
     t["create"] = (code, created.pid > 0 if code == "OK" else created)
+    if code != "OK":
+        log = bundle / "log"
+        tail = log.read_text()[-4000:] if log.exists() else "(no shim log)"
+        pytest.fail(f"Create over {cid} failed: {code} {created}\nshim log tail:\n{tail}")
     vm_pid = created.pid
     code, started = await call("Start", pb.StartRequest(id=cid), pb.StartResponse)
     t["start"] = (code, started.pid == vm_pid)
