@@ -41,6 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from shim import config as config_mod  # noqa: E402
+from shim import log as shimlog  # noqa: E402
 from shim.agentclient import wait_ready  # noqa: E402
 from shim.hypervisor.qemu.driver import QemuVM  # noqa: E402
 from shim.paths import SandboxDir, guest_dir  # noqa: E402
@@ -143,6 +144,7 @@ async def main() -> int:
     ap.add_argument("--config", type=Path, help="pyvm configuration file (default: the usual lookup)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    shimlog.configure(level="warning")  # the driver's info lines would bury the results
     cfg = config_mod.load(args.config)
     if args.memory:
         cfg = config_mod.with_overrides(cfg, default_memory=args.memory)

@@ -25,6 +25,7 @@ from shim.errors import (
     InvalidState,
     NotFound,
 )
+from shim.guestagent import guest
 from shim.guestagent.cgroups import ContainerCgroup, Stats
 from shim.guestagent.crun import Crun
 from shim.guestagent.process import EXIT_IO_GRACE, Process, WaitResult, signal_number
@@ -106,6 +107,7 @@ class Agent:
         self._oom_task: asyncio.Task[None] | None = None
         self._crun_version: str | None = None
         self.share_mount: str | None = None
+        self._modules_ready = False
 
     # -- lifecycle of the agent itself ------------------------------------------------------------
 
@@ -122,6 +124,15 @@ class Agent:
         if self._crun_version is None:
             self._crun_version = await self.crun.version()
         return self._crun_version
+
+    async def ensure_modules(self) -> None:
+        """Every module of the image loaded (virtiofs, virtio_mem...: pyvm-init defers them)."""
+        if self._modules_ready:
+            return
+        failures = await asyncio.to_thread(guest.load_modules)
+        if failures:
+            log.warning("kernel modules not loaded", failures=failures)
+        self._modules_ready = True
 
     # -- sandbox ------------------------------------------------------------------------------------
 
@@ -140,6 +151,7 @@ class Agent:
             target = share_mount_point or DEFAULT_SHARE_DIR
             if not os.path.isabs(target) or ".." in Path(target).parts:
                 raise InvalidArgument(f"share mount point {target!r} must be an absolute path")
+            await self.ensure_modules()
             await asyncio.to_thread(_mount_once, share_tag, target, "virtiofs")
             self.share_mount = target
             log.info("share mounted", tag=share_tag, target=target)

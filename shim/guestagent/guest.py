@@ -12,6 +12,10 @@ from pathlib import Path
 from shim.guestagent.cgroups import CGROUP_ROOT, cgroup_version
 
 MEMORY_SYSFS = Path("/sys/devices/system/memory")
+#: written by the image builder: every module the guest loads, dependencies first
+MODULES_LIST = Path("/etc/pyvm/modules.list")
+_SYS_FINIT_MODULE = {"x86_64": 313, "aarch64": 273}
+_EEXIST = 17
 _BLOCK_RE = re.compile(r"^memory(\d+)$")
 
 
@@ -28,6 +32,43 @@ def meminfo(path: Path = Path("/proc/meminfo")) -> dict[str, int]:
         if parts and parts[0].isdigit():
             out[name] = int(parts[0]) * (1024 if len(parts) > 1 and parts[1] == "kB" else 1)
     return out
+
+
+def load_modules(list_path: Path = MODULES_LIST, sysmodule: Path = Path("/sys/module")) -> list[str]:
+    """Load every module of ``list_path`` that is not loaded yet; return the failures (``path: error``).
+
+    pyvm-init loads only what the agent needs to answer (virtio_console) before it starts the agent,
+    and the rest in a background process at idle priority; whatever needs the rest (the virtio-fs
+    mount, memory hotplug) calls this first. Loading a module that is already loaded, or being
+    loaded by that process right now, is a no-op (the kernel waits for it, then says EEXIST). No
+    list (a test on a host): nothing to do. Blocking: run it in a thread.
+    """
+    try:
+        paths = [line.strip() for line in list_path.read_text().splitlines() if line.strip()]
+    except OSError:
+        return []
+    import ctypes
+
+    uname = os.uname()
+    syscall = ctypes.CDLL(None, use_errno=True).syscall
+    failures: list[str] = []
+    for rel in paths:
+        name = rel.rsplit("/", 1)[-1].split(".ko")[0].replace("-", "_")
+        if (sysmodule / name).is_dir():
+            continue
+        try:
+            fd = os.open(f"/lib/modules/{uname.release}/{rel}", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            failures.append(f"{rel}: {exc.strerror}")
+            continue
+        try:
+            if syscall(_SYS_FINIT_MODULE.get(uname.machine, -1), fd, b"", 0) != 0:
+                err = ctypes.get_errno()
+                if err != _EEXIST:
+                    failures.append(f"{rel}: {os.strerror(err)}")
+        finally:
+            os.close(fd)
+    return failures
 
 
 def memory_block_size(sysfs: Path = MEMORY_SYSFS) -> int:

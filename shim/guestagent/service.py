@@ -97,6 +97,7 @@ class AgentService:
         )
 
     async def online_memory(self, req: pb.OnlineMemoryRequest, ctx: CallContext) -> pb.OnlineMemoryResponse:
+        await self.agent.ensure_modules()  # virtio_mem
         r = await guest.online_memory(req.movable, req.wait_for_bytes, min(req.wait_ms, 600_000))
         return pb.OnlineMemoryResponse(
             blocks_onlined=len(r.blocks),

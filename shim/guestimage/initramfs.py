@@ -41,6 +41,9 @@ AGENT_MODULES = (
     "virtiofs",
     "overlay",
 )
+#: loaded by pyvm-init before it starts the agent (the agent port); the rest of AGENT_MODULES load
+#: at idle priority meanwhile (guest_init.py)
+AGENT_EARLY_MODULES = ("virtio_pci", "virtio_console")
 #: loaded by the disk layout's initramfs before it can mount the root disk
 DISK_INIT_MODULES = ("virtio_pci", "virtio_blk", "overlay")
 ROOT_LABEL = "pyvm-root"

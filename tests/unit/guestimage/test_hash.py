@@ -15,7 +15,7 @@ def _inputs(**changes: object) -> builder.Inputs:
         kernel="linux-image-6.1.0-56-cloud-amd64=6.1.192-2",
         busybox="busybox-static=1:1.35.0-4+deb12u1+b1",
         base_key="5cf1a8688112f221",
-        wheels={"protobuf-6.33.6-py3-none-any.whl": "aa", "structlog-26.1.0-py3-none-any.whl": "bb"},
+        wheels={"protobuf-6.33.6-cp39-abi3-manylinux2014_x86_64.whl": "aa"},
         agent_digest="cc",
         builder_digest="dd",
     )
@@ -35,7 +35,7 @@ def test_every_input_changes_the_hash() -> None:
         {"kernel": "linux-image-6.1.0-57-cloud-amd64=6.1.200-1"},
         {"busybox": "busybox-static=1:1.36"},
         {"base_key": "0000000000000000"},
-        {"wheels": {"protobuf-6.33.7-py3-none-any.whl": "aa"}},
+        {"wheels": {"protobuf-6.33.7-cp39-abi3-manylinux2014_x86_64.whl": "aa"}},
         {"agent_digest": "cd"},
         {"builder_digest": "de"},
         {"builder_version": builder.BUILDER_VERSION + 1},
@@ -78,3 +78,19 @@ def test_current_is_replaced_atomically_and_old_images_are_pruned(tmp_path: Path
     builder._prune(tmp_path, keep={"bbb", "aaa"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["aaa", "bbb", "current"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".current")]
+
+
+def test_the_guest_gets_the_compiled_protobuf_wheel_of_its_arch(tmp_path: Path) -> None:
+    """The pure-python wheel cost ~0.5 s of agent imports under TCG; a cached one must not win."""
+    version = builder.WHEELS["protobuf"]
+    for name in (
+        f"protobuf-{version}-py3-none-any.whl",
+        f"protobuf-{version}-cp39-abi3-manylinux2014_x86_64.whl",
+        f"protobuf-{version}-cp39-abi3-manylinux2014_aarch64.whl",
+    ):
+        (tmp_path / name).write_bytes(b"")
+    progress = builder.Progress("test")
+    for arch in ("x86_64", "aarch64"):
+        found = builder.fetch_wheels(tmp_path, ARCHES[arch], progress)  # cached: no download
+        assert found["protobuf"].name == f"protobuf-{version}-cp39-abi3-manylinux2014_{arch}.whl"
+    assert set(builder.WHEELS) == {"protobuf"}  # no structlog in the guest (shim.log uses the stdlib)
