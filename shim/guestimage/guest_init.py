@@ -7,9 +7,10 @@ modules-early.list``: virtio_console; with ``finit_module``: no fork per module)
 process at idle priority (SCHED_IDLE) that loads the rest of ``/etc/pyvm/modules.list`` (virtiofs,
 virtio_mem, virtio_net...) while the agent starts -- the agent loads whatever is still missing
 before it mounts the share or onlines memory --, prints ``PYVM-AGENT-ENTRY <uptime> (...)`` on the
-console and runs ``shim.guestagent`` as ``__main__`` in this same process, so the agent is PID 1. When the image holds
-no ``shim/guestagent/__main__.py`` it prints ``PYVM-AGENT-MISSING`` and idles (a test can still time
-the boot). Kernel command line ``pyvm.init=poweroff`` powers off right after the marker (benchmarks).
+console and runs ``shim.guestagent.__main__``.main() in this same process, so the agent is PID 1.
+When the image holds no ``shim/guestagent/__main__.py`` it prints ``PYVM-AGENT-MISSING`` and idles
+(a test can still time the boot). Kernel command line ``pyvm.init=poweroff`` powers off right after
+the marker (benchmarks).
 """
 
 import ctypes
@@ -129,7 +130,7 @@ def main() -> None:
     if not os.path.exists(f"{LIB}/shim/guestagent/__main__.py"):
         console("PYVM-AGENT-MISSING shim/guestagent/__main__.py is not in this image")
         idle()
-    import runpy
+    import importlib
 
     # Nothing in the guest speaks TLS, but asyncio imports ssl (and OpenSSL) when it can: ~0.12 s of
     # a TCG boot (python3 -X importtime in the guest). asyncio treats a failed import as "no ssl".
@@ -139,7 +140,9 @@ def main() -> None:
         sys.modules.setdefault(unused, None)  # type: ignore[arg-type]
     sys.argv = ["shim.guestagent"]
     try:
-        runpy.run_module("shim.guestagent", run_name="__main__", alter_sys=True)
+        # the agent's main() directly, not runpy.run_module: runpy pulls in importlib.util, ~0.1 s
+        # of a TCG boot (PYTHONPROFILEIMPORTTIME in the guest)
+        importlib.import_module("shim.guestagent.__main__").main()
     finally:
         # PID 1 must not return (the kernel would panic): say so and power the VM off.
         console("PYVM-AGENT-EXITED")
