@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import functools
 import os
+import shutil
 import signal
 import time
 from collections.abc import Sequence
@@ -23,20 +22,19 @@ from shim.log import get_logger
 
 log = get_logger("pyvm.hypervisor.process")
 
-_PR_SET_PDEATHSIG = 1
-_libc = ctypes.CDLL(None, use_errno=True)
+#: util-linux's setpriv (Essential on Debian) sets PR_SET_PDEATHSIG and execs the real binary: the
+#: child is SIGKILLed when the shim that spawned it dies. A ``preexec_fn`` doing the same prctl ran
+#: Python between fork and exec, which is unsafe in a threaded process: in gRPC mode (grpcio's threads)
+#: QEMU "died of SIGSEGV" before exec, one start in a few.
+SETPRIV = shutil.which("setpriv") or "/usr/bin/setpriv"
 
 
-def _die_with(parent: int) -> None:
-    """Runs in the child between fork and exec: SIGKILL us when the shim that spawned us dies.
-
-    A shim that is SIGKILLed (or crashes) can no longer stop its VM; containerd then treats the pod's
-    tasks as dead anyway, so a QEMU or virtiofsd left behind would only leak memory and CPU. The
-    getppid() check closes the race where the shim died before prctl ran.
-    """
-    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:
-        os._exit(1)
+def _dying_with_parent(argv: Sequence[str]) -> list[str]:
+    """``argv`` wrapped so the process dies with its parent (the pid stays the same across exec)."""
+    if not os.access(SETPRIV, os.X_OK):
+        log.warning("setpriv not found: QEMU and virtiofsd will outlive a killed shim", setpriv=SETPRIV)
+        return list(argv)
+    return [SETPRIV, "--pdeathsig", "KILL", "--", *argv]
 
 
 def tail(path: Path | None, lines: int = 20, max_bytes: int = 16384) -> str:
@@ -120,7 +118,7 @@ async def spawn(name: str, argv: Sequence[str], log_path: Path) -> Child:
     """Start ``argv`` with stdin from /dev/null and stdout+stderr appended to ``log_path``.
 
     The child gets its own session (signals to the shim's group do not reach it) and is killed when
-    the shim process dies (PR_SET_PDEATHSIG), so no VM outlives its shim.
+    the shim process dies (PR_SET_PDEATHSIG via setpriv), so no VM outlives its shim.
 
     Raises VMLaunchFailure if the binary cannot be executed at all.
     """
@@ -129,12 +127,11 @@ async def spawn(name: str, argv: Sequence[str], log_path: Path) -> Child:
     with open(log_path, "ab", buffering=0) as out:  # noqa: ASYNC230
         try:
             proc = await asyncio.create_subprocess_exec(
-                *argv,
+                *_dying_with_parent(argv),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=out,
                 stderr=out,
                 start_new_session=True,
-                preexec_fn=functools.partial(_die_with, os.getpid()),
             )
         except OSError as exc:
             raise VMLaunchFailure(
