@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import signal
 import subprocess
+import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlparse
@@ -148,7 +150,7 @@ class HostIO:
     stdin: StdinSource | None = None
     stdout: OutputSink | None = None
     stderr: OutputSink | None = None
-    logger: subprocess.Popen[bytes] | None = None
+    logger: SpawnedLogger | None = None
 
     async def close(self) -> None:
         """Close everything; a ``binary://`` logger gets SIGTERM, then SIGKILL after 12 s."""
@@ -223,27 +225,32 @@ async def _start_logger(
     ready_r, ready_w = os.pipe()
     child_fds = (out_r, err_r, ready_w)
 
-    def arrange() -> None:  # in the child before exec: the pipe ends onto fds 3, 4, 5
-        tmp = [os.dup(fd) for fd in child_fds]
-        for target, fd in zip((3, 4, 5), tmp, strict=True):
-            os.dup2(fd, target)
-
+    # posix_spawn's file actions put the pipe ends on fds 3, 4, 5 without running Python between fork
+    # and exec (a preexec_fn is unsafe in a threaded shim: grpcio's fork handlers crash children).
+    # The ends are first moved above 9 so that no dup2 overwrites another end.
+    high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in child_fds]
+    actions = [
+        (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+        (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
+        (os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0),
+        *((os.POSIX_SPAWN_DUP2, fd, target) for fd, target in zip(high, (3, 4, 5), strict=True)),
+    ]
     try:
-        # fork+exec is quick; the fd shuffling must happen in the child
-        proc = subprocess.Popen(  # noqa: ASYNC220
+        pid = os.posix_spawn(  # noqa: ASYNC221 (returns once the child has exec'd, like Popen did)
+            path,
             args,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env={"CONTAINER_ID": container_id, "CONTAINER_NAMESPACE": namespace},
-            pass_fds=(3, 4, 5),
-            preexec_fn=arrange,
-            start_new_session=True,
+            {"CONTAINER_ID": container_id, "CONTAINER_NAMESPACE": namespace},
+            file_actions=actions,
+            setsid=True,
         )
     except OSError as exc:
         for fd in (out_r, out_w, err_r, err_w, ready_r, ready_w):
             os.close(fd)
         raise InvalidArgument(f"cannot start the binary logger {path}: {exc.strerror}") from exc
+    finally:
+        for fd in high:
+            os.close(fd)
+    proc = SpawnedLogger(pid)
     for fd in child_fds:
         os.close(fd)
     io.logger = proc
@@ -268,7 +275,39 @@ async def _start_logger(
         os.close(ready_r)
 
 
-async def _stop_logger(proc: subprocess.Popen[bytes]) -> None:
+class SpawnedLogger:
+    """The part of ``subprocess.Popen`` the logger needs, for a child started with ``posix_spawn``."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                self.returncode = -1
+            else:
+                if pid:
+                    self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def wait(self, timeout: float) -> int:
+        """Blocking (call it from a thread). :raises subprocess.TimeoutExpired: still running."""
+        deadline = time.monotonic() + timeout
+        while (rc := self.poll()) is None:
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(str(self.pid), timeout)
+            time.sleep(0.05)
+        return rc
+
+
+async def _stop_logger(proc: SpawnedLogger) -> None:
     """Our pipe ends are closed: give the logger a moment, SIGTERM it, SIGKILL after 12 s."""
     for sig, wait in ((None, 1.0), (signal.SIGTERM, LOGGER_EXIT_TIMEOUT), (signal.SIGKILL, 5.0)):
         if sig is not None and proc.poll() is None:
