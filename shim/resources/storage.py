@@ -207,7 +207,8 @@ def parse_mountinfo(text: str) -> list[MountInfo]:
 
 
 def read_mountinfo() -> list[MountInfo]:
-    with open("/proc/self/mountinfo") as f:
+    # mount points are bytes; keep any that are not UTF-8 round-trippable (os.fsencode undoes it)
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
         return parse_mountinfo(f.read())
 
 

@@ -15,48 +15,29 @@ import signal
 from pathlib import Path
 
 from shim.paths import SandboxDir
+from shim.resources import storage
+from shim.resources.storage import unmount_order
 
 _MNT_DETACH = 2
 
 
-def _unescape(field: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as octal."""
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and i + 4 <= len(field) and field[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
 def mounts_under(path: Path) -> list[Path]:
-    """Mount points at or below ``path``, deepest first (the order to unmount them in)."""
-    root = os.path.realpath(path)
-    found: list[str] = []
+    """Mount points at or below ``path`` in the order to unmount them: deepest first, and of mounts
+    stacked on one point the topmost first (each occurrence is listed)."""
     try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-            for line in f:
-                parts = line.split(" ")
-                if len(parts) > 4:
-                    mp = _unescape(parts[4])
-                    if mp == root or mp.startswith(root.rstrip("/") + "/"):
-                        found.append(mp)
+        return [Path(e.mount_point) for e in unmount_order(storage.mounts_under(path))]
     except OSError:
         return []
-    # Stacked mounts on one point appear several times: unmount each occurrence, last first.
-    return [Path(p) for p in sorted(found, key=lambda p: p.count("/"), reverse=True)]
 
 
 def unmount_under(path: Path) -> list[str]:
     """Lazily unmount everything at or below ``path``. Returns the errors (best effort)."""
-    if not mounts_under(path):
+    points = mounts_under(path)
+    if not points:
         return []
     libc = ctypes.CDLL(None, use_errno=True)
     errors: list[str] = []
-    for mp in mounts_under(path):
+    for mp in points:
         if libc.umount2(os.fsencode(mp), _MNT_DETACH) != 0:
             err = ctypes.get_errno()
             errors.append(f"umount {mp}: {os.strerror(err)}")
