@@ -35,7 +35,7 @@ from tests.helpers.containerd import (
     build_busybox_image,
     short_base_dir,
 )
-from tests.helpers.pyvm_vm import FAKE_VM_ENV, RUNTIME, VENV_BIN, shim_skip_reason
+from tests.helpers.pyvm_vm import FAKE_VM_ENV, RUNTIME, VENV_BIN, shim_skip_reason, write_config
 
 pytestmark = [pytest.mark.containerd, pytest.mark.slow]
 
@@ -60,9 +60,7 @@ def _instance(image_tar: Path, *, fake: bool) -> Iterator[tuple[Containerd, Path
     run_root = short_base_dir("pyvm-run-")
     # an empty guest image, with our own config naming it (/etc/pyvm may name the real guest)
     no_guest = run_root / "no-guest"
-    cfg = run_root / "no-guest.toml"
-    shipped = (Path(__file__).resolve().parents[2] / "config" / "configuration.toml").read_text()
-    cfg.write_text(shipped.replace("/var/lib/pyvm/guest", str(no_guest)))
+    cfg = write_config(run_root / "no-guest.toml")  # built-in defaults: the guest under PYVM_GUEST_ROOT
     env = {"PYVM_RUN_ROOT": str(run_root), "PYVM_GUEST_ROOT": str(no_guest), "PYVM_CONFIG": str(cfg)}
     if fake:
         env |= FAKE_VM_ENV

@@ -29,6 +29,7 @@ from shim.errors import AlreadyExists, FailedPrecondition
 from shim.sandbox import persist
 from shim.testing.fake_containerd import FakeContainerd
 from shim.ttrpc import Client
+from tests.helpers.pyvm_vm import write_config
 
 SHIM = Path(sys.executable).with_name("containerd-shim-pyvm-v2")
 T = "containerd.task.v2.Task"
@@ -340,9 +341,7 @@ async def test_real_backend_without_guest_image_answers_failed_precondition(senv
     # no guest image: the VM backend refuses Create, naming the fix, before booting anything
     # (its own config: /etc/pyvm/configuration.toml may exist on this host and name a real guest)
     no_guest = senv.root / "no-guest"
-    cfg = senv.root / "no-guest.toml"
-    shipped = (Path(__file__).resolve().parents[3] / "config" / "configuration.toml").read_text()
-    cfg.write_text(shipped.replace("/var/lib/pyvm/guest", str(no_guest)))
+    cfg = write_config(senv.root / "no-guest.toml")  # built-in defaults: the guest under PYVM_GUEST_ROOT
     env |= {"PYVM_GUEST_ROOT": str(no_guest), "PYVM_CONFIG": str(cfg)}
     b = senv.bundle("c3")
     r = await asyncio.to_thread(senv.run, "c3", "start", b, env=env)
