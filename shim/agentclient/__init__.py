@@ -17,6 +17,7 @@ from shim.agentclient.types import (
     PidsStats,
     ProcessInfo,
     Stdio,
+    TemplatePrepared,
 )
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "PidsStats",
     "ProcessInfo",
     "Stdio",
+    "TemplatePrepared",
     "dial",
     "wait_ready",
 ]

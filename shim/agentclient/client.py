@@ -10,8 +10,9 @@ WaitProcess, ReadStdout/ReadStderr, GetOOMEvent — have none: cancel the awaiti
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from google.protobuf import empty_pb2
@@ -31,6 +32,7 @@ from shim.agentclient.types import (
     PidsStats,
     ProcessInfo,
     Stdio,
+    TemplatePrepared,
 )
 from shim.errors import GuestError, InvalidArgument
 from shim.ids import validate_id
@@ -49,7 +51,8 @@ TIMEOUTS: Mapping[str, float | None] = {
     "GuestDetails": 5,
     "GetMemInfo": 5,
     "OnlineMemory": 15,  # plus the requested wait
-    "CreateSandbox": 15,
+    "PrepareTemplate": 60,
+    "CreateSandbox": 15,  # plus SHARE_WAIT when it mounts a share
     "DestroySandbox": 60,
     "CreateContainer": 60,
     "StartContainer": 30,
@@ -74,6 +77,11 @@ TIMEOUTS: Mapping[str, float | None] = {
 MAX_IO_CHUNK = 1024 * 1024
 #: the biggest OCI spec / process / resources JSON we send
 MAX_JSON = MAX_MESSAGE_SIZE - 64 * 1024
+#: how long the agent waits for a virtio-fs tag it does not know yet (hot-plugged right before)
+SHARE_WAIT = 20.0
+#: entropy sent with every CreateSandbox, and the most the agent accepts
+SANDBOX_ENTROPY = 64
+MAX_ENTROPY = 512
 _MAX_PID = 1 << 22
 _MAX_TEXT = 4096
 
@@ -170,21 +178,55 @@ class AgentClient:
             r.blocks_onlined, r.bytes_onlined, tuple(_text(f) for f in r.failures), r.mem_total_bytes
         )
 
+    async def prepare_template(self) -> TemplatePrepared:
+        """Settle a template VM right before the host saves it: every module loaded, filesystems
+        synced, caches dropped. Call it before ``create_sandbox`` (the agent refuses it once a share
+        is mounted). Module failures are reported in the answer, not raised.
+        """
+        r = await self._agent("PrepareTemplate", pb.PrepareTemplateRequest(), pb.PrepareTemplateResponse)
+        if len(r.failures) > 4096 or r.modules_loaded > r.modules_listed:
+            raise GuestError(
+                f"agent reported {r.modules_loaded} of {r.modules_listed} modules loaded "
+                f"and {len(r.failures)} failures"
+            )
+        return TemplatePrepared(
+            r.modules_listed, r.modules_loaded, tuple(_text(f) for f in r.failures), r.caches_dropped
+        )
+
     # -- sandbox ------------------------------------------------------------------------------------
 
     async def create_sandbox(
-        self, *, sandbox_id: str = "", hostname: str = "", share_tag: str = "", share_mount_point: str = ""
+        self,
+        *,
+        sandbox_id: str = "",
+        hostname: str = "",
+        share_tag: str = "",
+        share_mount_point: str = "",
+        host_time: datetime | None = None,
+        entropy: bytes | None = None,
     ) -> None:
-        await self._agent(
-            "CreateSandbox",
-            pb.CreateSandboxRequest(
-                sandbox_id=sandbox_id,
-                hostname=hostname,
-                share_tag=share_tag,
-                share_mount_point=share_mount_point,
-            ),
-            empty_pb2.Empty,
+        """Prepare the guest for the pod: its wall clock set to ``host_time`` (default: now), its
+        kernel RNG seeded with ``entropy`` (default: ``SANDBOX_ENTROPY`` bytes of ``os.urandom``;
+        at most ``MAX_ENTROPY``), the hostname set and the share mounted. A VM restored from a
+        template needs the first two; the agent waits up to ``SHARE_WAIT`` for a hot-plugged share.
+        """
+        if entropy is None:
+            entropy = os.urandom(SANDBOX_ENTROPY)
+        if len(entropy) > MAX_ENTROPY:
+            raise InvalidArgument(f"entropy is {len(entropy)} bytes; at most {MAX_ENTROPY}")
+        if host_time is None:
+            host_time = datetime.now(UTC)
+        elif host_time.tzinfo is None:
+            raise InvalidArgument("host_time must be timezone-aware")
+        req = pb.CreateSandboxRequest(
+            sandbox_id=sandbox_id,
+            hostname=hostname,
+            share_tag=share_tag,
+            share_mount_point=share_mount_point,
+            entropy=entropy,
         )
+        req.host_time.FromDatetime(host_time)
+        await self._agent("CreateSandbox", req, empty_pb2.Empty, extra=SHARE_WAIT if share_tag else 0.0)
 
     async def destroy_sandbox(self) -> None:
         await self._agent("DestroySandbox", pb.DestroySandboxRequest(), empty_pb2.Empty)

@@ -54,6 +54,18 @@ class MemoryOnlined:
 
 
 @dataclass(frozen=True)
+class TemplatePrepared:
+    """What PrepareTemplate did. ``modules_loaded`` counts the modules this call loaded itself (the
+    others were loaded already); ``caches_dropped`` is False when the agent does not own the kernel.
+    """
+
+    modules_listed: int
+    modules_loaded: int
+    failures: tuple[str, ...]
+    caches_dropped: bool
+
+
+@dataclass(frozen=True)
 class ExitStatus:
     """``exit_status``: exit code, or 128+signal. ``exited_at`` is timezone-aware UTC."""
 

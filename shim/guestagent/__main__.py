@@ -3,6 +3,9 @@
 python3 -m shim.guestagent                       serve on the virtio-serial port io.pyvm.agent.0
 python3 -m shim.guestagent --port /dev/vport0p1  serve on this port (or a unix socket to connect to)
 python3 -m shim.guestagent --listen unix:PATH    listen on a unix socket (tests on a host)
+
+As PID 1 it owns the guest kernel (``--guest-kernel``): CreateSandbox sets the wall clock and seeds
+the RNG, PrepareTemplate drops caches. Anywhere else it leaves the kernel alone unless told.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from shim.guestagent.reaper import Reaper, become_subreaper
 from shim.guestagent.service import AGENT_VERSION, build_server
 
 log = shimlog.get_logger("shim.guestagent")
+#: set by pyvm-init (shim/guestimage/guest_init.py) to the pid of its background module loader
+MODULES_LOADER_ENV = "PYVM_MODULES_LOADER_PID"
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,8 @@ class Options:
     crun: str = Config.crun_binary
     cgroup_parent: str = Config.cgroup_parent
     exit_io_grace: float = Config.exit_io_grace
+    guest_kernel: bool = field(default_factory=lambda: os.getpid() == 1)
+    share_wait: float = Config.share_wait
 
 
 def parse_args(argv: list[str] | None = None) -> Options:
@@ -65,6 +72,15 @@ def parse_args(argv: list[str] | None = None) -> Options:
     ap.add_argument("--crun", default=d.crun)
     ap.add_argument("--cgroup-parent", default=d.cgroup_parent)
     ap.add_argument("--exit-io-grace", type=float, default=d.exit_io_grace)
+    ap.add_argument(
+        "--guest-kernel",
+        action=argparse.BooleanOptionalAction,
+        default=d.guest_kernel,
+        help="set the clock, seed the RNG and drop caches when asked (default: only as PID 1)",
+    )
+    ap.add_argument(
+        "--share-wait", type=float, default=d.share_wait, help="seconds to wait for an unknown virtio-fs tag"
+    )
     return Options(**vars(ap.parse_args(argv)))
 
 
@@ -90,6 +106,9 @@ async def amain(args: Options) -> None:
             crun_binary=args.crun,
             cgroup_parent=args.cgroup_parent,
             exit_io_grace=args.exit_io_grace,
+            guest_kernel=args.guest_kernel,
+            share_wait=args.share_wait,
+            modules_loader_pid=_modules_loader_pid(),
         ),
     )
     agent.start()
@@ -126,6 +145,13 @@ async def amain(args: Options) -> None:
         await agent.destroy_sandbox()
         await agent.close()
         reaper.stop()
+
+
+def _modules_loader_pid() -> int | None:
+    """The pid pyvm-init's background module loader got (guest_init.py exports it); popped so
+    that no child of the agent inherits it."""
+    value = os.environ.pop(MODULES_LOADER_ENV, "")
+    return int(value) if value.isdigit() and int(value) > 0 else None
 
 
 def _facts() -> dict[str, Any]:

@@ -10,10 +10,13 @@ import asyncio
 import contextlib
 import ctypes
 import enum
+import errno
 import json
 import os
 import shutil
 import socket
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +28,7 @@ from shim.errors import (
     InvalidState,
     NotFound,
 )
-from shim.guestagent import guest
+from shim.guestagent import guest, kernel
 from shim.guestagent.cgroups import ContainerCgroup, Stats
 from shim.guestagent.crun import Crun
 from shim.guestagent.process import EXIT_IO_GRACE, Process, WaitResult, signal_number
@@ -40,6 +43,15 @@ OOM_POLL_INTERVAL = 0.5
 MAX_OOM_QUEUE = 1024
 MAX_FINISHED_EXECS = 256
 DEFAULT_SHARE_DIR = "/run/pyvm/shared"
+#: how long CreateSandbox waits for an unknown virtio-fs tag to appear, and how often it retries
+SHARE_WAIT = 20.0
+SHARE_POLL = 0.025
+#: what a virtio-fs mount fails with while the kernel does not know the tag: fs/fuse/virtio_fs.c
+#: virtio_fs_get_tree logs "virtio-fs: tag <x> not found" and returns EINVAL. A device hot-plugged
+#: right before CreateSandbox (a VM restored from a template) is probed a few ms later.
+TAG_NOT_FOUND = frozenset({errno.EINVAL})
+#: how long PrepareTemplate waits for pyvm-init's background module loader to exit
+LOADER_WAIT = 120.0
 
 
 class State(enum.Enum):
@@ -65,6 +77,23 @@ class Config:
     cgroup_parent: str = "/pyvm"
     exit_io_grace: float = EXIT_IO_GRACE
     oom_poll_interval: float = OOM_POLL_INTERVAL
+    #: the agent owns this kernel (PID 1 of a pyvm guest): it sets the wall clock, seeds the RNG
+    #: and drops caches when asked. False (a test on a host): it validates such requests and logs
+    #: them, and leaves the kernel alone.
+    guest_kernel: bool = False
+    share_wait: float = SHARE_WAIT
+    #: pid of pyvm-init's background module loader (PYVM_MODULES_LOADER_PID), if there is one
+    modules_loader_pid: int | None = None
+
+
+@dataclass(frozen=True)
+class TemplateReport:
+    """What PrepareTemplate did: modules listed / loaded by this call, failures, caches dropped."""
+
+    modules_listed: int
+    modules_loaded: int
+    failures: tuple[str, ...]
+    caches_dropped: bool
 
 
 @dataclass
@@ -108,6 +137,7 @@ class Agent:
         self._crun_version: str | None = None
         self.share_mount: str | None = None
         self._modules_ready = False
+        self._loader_pid = self.config.modules_loader_pid
 
     # -- lifecycle of the agent itself ------------------------------------------------------------
 
@@ -134,27 +164,114 @@ class Agent:
             log.warning("kernel modules not loaded", failures=failures)
         self._modules_ready = True
 
+    async def prepare_template(self) -> TemplateReport:
+        """Settle the guest before the host saves it as a template: every listed module loaded
+        (and pyvm-init's background loader gone), filesystems synced, page cache dropped.
+        Idempotent. Module failures are reported, not raised. Raises ``FailedPrecondition`` once
+        the share is mounted or a container exists (a template holds neither).
+        """
+        if self.share_mount is not None or self.containers:
+            raise FailedPrecondition(
+                "a template VM has no share and no containers: PrepareTemplate comes before CreateSandbox",
+                share_mount=self.share_mount,
+                containers=len(self.containers),
+            )
+        start = time.monotonic()
+        mods = await asyncio.to_thread(guest.load_listed_modules)
+        failures = list(mods.failures)
+        if self._loader_pid is not None:
+            pid = self._loader_pid
+            try:
+                async with asyncio.timeout(LOADER_WAIT):
+                    # shielded: the reaper's future must survive our timeout to record the exit
+                    await asyncio.shield(self.reaper.adopt(pid))
+                self._loader_pid = None
+            except TimeoutError:
+                failures.append(f"module loader (pid {pid}) still running after {LOADER_WAIT:g} s")
+        self._modules_ready = True
+        if self.config.guest_kernel:
+            await asyncio.to_thread(kernel.drop_caches)
+        else:
+            await asyncio.to_thread(os.sync)
+        log.info(
+            "template prepared",
+            modules_listed=mods.listed,
+            modules_loaded=mods.loaded,
+            failures=failures,
+            caches_dropped=self.config.guest_kernel,
+            ms=round((time.monotonic() - start) * 1000, 1),
+        )
+        return TemplateReport(mods.listed, mods.loaded, tuple(failures), self.config.guest_kernel)
+
     # -- sandbox ------------------------------------------------------------------------------------
 
-    async def create_sandbox(self, hostname: str, share_tag: str, share_mount_point: str) -> None:
-        """Set the hostname and mount the virtio-fs share. Raises ``InvalidArgument`` for a bad
-        hostname or mount point, ``FailedPrecondition`` if the kernel refuses the mount.
+    async def create_sandbox(
+        self,
+        hostname: str,
+        share_tag: str,
+        share_mount_point: str,
+        *,
+        host_time_ns: int | None = None,
+        entropy: bytes = b"",
+    ) -> None:
+        """Set the wall clock to ``host_time_ns`` (when given), seed the RNG with ``entropy``, set
+        the hostname and mount the virtio-fs share (waiting up to ``Config.share_wait`` for a tag
+        the kernel does not know yet). Everything is validated before anything changes.
+
+        Raises ``InvalidArgument`` for a bad hostname, mount point, time or too much entropy,
+        ``FailedPrecondition`` if the kernel refuses the clock, the RNG, the hostname or the mount.
         """
+        if hostname and (len(hostname) > 64 or not all(c.isalnum() or c in "-." for c in hostname)):
+            raise InvalidArgument(f"invalid hostname {hostname!r}")
+        target = share_mount_point or DEFAULT_SHARE_DIR
+        if share_tag and (not os.path.isabs(target) or ".." in Path(target).parts):
+            raise InvalidArgument(f"share mount point {target!r} must be an absolute path")
+        if len(entropy) > kernel.MAX_ENTROPY:
+            raise InvalidArgument(
+                f"entropy is {len(entropy)} bytes; at most {kernel.MAX_ENTROPY}", size=len(entropy)
+            )
+        if host_time_ns is not None and host_time_ns <= 0:
+            raise InvalidArgument(f"host time {host_time_ns} ns is not after the epoch")
+        await self._seed_kernel(host_time_ns, entropy)
         if hostname:
-            if len(hostname) > 64 or not all(c.isalnum() or c in "-." for c in hostname):
-                raise InvalidArgument(f"invalid hostname {hostname!r}")
             try:
                 socket.sethostname(hostname)
             except OSError as exc:
                 raise FailedPrecondition(f"cannot set hostname: {exc}") from exc
         if share_tag:
-            target = share_mount_point or DEFAULT_SHARE_DIR
-            if not os.path.isabs(target) or ".." in Path(target).parts:
-                raise InvalidArgument(f"share mount point {target!r} must be an absolute path")
             await self.ensure_modules()
-            await asyncio.to_thread(_mount_once, share_tag, target, "virtiofs")
+            waited = await mount_share(share_tag, target, wait=self.config.share_wait)
             self.share_mount = target
-            log.info("share mounted", tag=share_tag, target=target)
+            if waited:
+                log.info(
+                    "share mounted after waiting for its tag",
+                    tag=share_tag,
+                    target=target,
+                    waited_ms=round(waited * 1000, 1),
+                )
+            else:
+                log.info("share mounted", tag=share_tag, target=target)
+
+    async def _seed_kernel(self, host_time_ns: int | None, entropy: bytes) -> None:
+        """The wall clock first (later log lines carry the right time), then the RNG."""
+        if not self.config.guest_kernel:
+            if host_time_ns is not None or entropy:
+                log.debug("not the guest kernel: clock and RNG left alone", entropy_bytes=len(entropy))
+            return
+        if host_time_ns is not None:
+            try:
+                jump = await asyncio.to_thread(kernel.set_realtime, host_time_ns)
+            except OSError as exc:
+                raise FailedPrecondition(f"cannot set the clock: {exc.strerror}", errno=exc.errno) from exc
+            log.info("clock set to the host's", jump_s=round(jump, 3))
+        if entropy:
+            try:
+                reseeded = await asyncio.to_thread(kernel.add_entropy, entropy)
+            except OSError as exc:
+                raise FailedPrecondition(
+                    f"cannot add entropy to the kernel RNG: {exc.strerror}", errno=exc.errno
+                ) from exc
+            log.info("kernel RNG seeded by the host", bytes=len(entropy), crng_reseeded=reseeded)
 
     async def destroy_sandbox(self) -> None:
         for cid in list(self.containers):
@@ -507,16 +624,55 @@ _libc = ctypes.CDLL(None, use_errno=True)
 def _mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
     if _libc.mount(source.encode(), target.encode(), fstype.encode(), flags, data.encode() or None) != 0:
         err = ctypes.get_errno()
-        raise FailedPrecondition(
-            f"cannot mount {fstype} {source} on {target}: {os.strerror(err)}",
-            errno=err,
-        )
+        raise OSError(err, os.strerror(err), target)
 
 
-def _mount_once(source: str, target: str, fstype: str) -> None:
+def _mount_virtiofs(tag: str, target: str) -> None:
+    """Mount ``tag`` on ``target`` unless something is mounted there already. Raises ``OSError``."""
     if not os.path.ismount(target):
         os.makedirs(target, exist_ok=True)
-        _mount(source, target, fstype, 0, "")
+        _mount(tag, target, "virtiofs", 0, "")
+
+
+async def mount_share(
+    tag: str,
+    target: str,
+    *,
+    wait: float = SHARE_WAIT,
+    poll: float = SHARE_POLL,
+    mount: Callable[[str, str], None] = _mount_virtiofs,
+) -> float:
+    """Mount the virtio-fs ``tag`` on ``target``, retrying every ``poll`` seconds for up to ``wait``
+    seconds while the kernel does not know the tag (``TAG_NOT_FOUND``). Returns how long it waited
+    (0.0: the first attempt worked).
+
+    Raises ``FailedPrecondition`` naming the tag and the errno: at once for any other error, after
+    ``wait`` for a tag that never appeared.
+    """
+    start = time.monotonic()
+    retries = 0
+    while True:
+        try:
+            await asyncio.to_thread(mount, tag, target)
+        except OSError as exc:
+            if exc.errno not in TAG_NOT_FOUND:
+                raise FailedPrecondition(
+                    f"cannot mount virtiofs {tag} on {target}: {exc.strerror}", tag=tag, errno=exc.errno
+                ) from exc
+            waited = time.monotonic() - start
+            if waited >= wait:
+                name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+                raise FailedPrecondition(
+                    f"virtio-fs tag {tag!r} is not in the guest after {waited:.1f} s "
+                    f"(mount on {target}: {name}, {exc.strerror})",
+                    tag=tag,
+                    errno=exc.errno,
+                    waited=waited,
+                ) from exc
+            retries += 1
+            await asyncio.sleep(poll)
+        else:
+            return time.monotonic() - start if retries else 0.0
 
 
 def _umount(target: str) -> None:
@@ -525,4 +681,4 @@ def _umount(target: str) -> None:
         raise OSError(err, os.strerror(err), target)
 
 
-__all__ = ["Agent", "Config", "Container", "State", "StdioRequest"]
+__all__ = ["Agent", "Config", "Container", "State", "StdioRequest", "TemplateReport", "mount_share"]

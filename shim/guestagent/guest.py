@@ -34,41 +34,73 @@ def meminfo(path: Path = Path("/proc/meminfo")) -> dict[str, int]:
     return out
 
 
+@dataclass
+class ModulesLoaded:
+    """What ``load_listed_modules`` did: modules listed, loaded by this call, and the failures."""
+
+    listed: int = 0
+    loaded: int = 0
+    failures: list[str] = field(default_factory=list)
+
+
 def load_modules(list_path: Path = MODULES_LIST, sysmodule: Path = Path("/sys/module")) -> list[str]:
-    """Load every module of ``list_path`` that is not loaded yet; return the failures (``path: error``).
+    """``load_listed_modules`` for callers that only care about the failures (``path: error``)."""
+    return load_listed_modules(list_path, sysmodule).failures
+
+
+def load_listed_modules(
+    list_path: Path = MODULES_LIST, sysmodule: Path = Path("/sys/module")
+) -> ModulesLoaded:
+    """Load every module of ``list_path`` that is not live yet; failures are listed, never raised.
 
     pyvm-init loads only what the agent needs to answer (virtio_console) before it starts the agent,
     and the rest in a background process at idle priority; whatever needs the rest (the virtio-fs
-    mount, memory hotplug) calls this first. Loading a module that is already loaded, or being
-    loaded by that process right now, is a no-op (the kernel waits for it, then says EEXIST). No
-    list (a test on a host): nothing to do. Blocking: run it in a thread.
+    mount, memory hotplug, a template) calls this first. A module that is live (or built in) is
+    skipped. One that the background process is loading right now (``initstate`` "coming") is
+    loaded again: the kernel waits until that load finished, then says EEXIST, so on return every
+    listed module is live or failed. No list (a test on a host): nothing to do. Blocking: run it
+    in a thread.
     """
+    result = ModulesLoaded()
     try:
         paths = [line.strip() for line in list_path.read_text().splitlines() if line.strip()]
     except OSError:
-        return []
+        return result
     import ctypes
 
+    result.listed = len(paths)
     uname = os.uname()
     syscall = ctypes.CDLL(None, use_errno=True).syscall
-    failures: list[str] = []
     for rel in paths:
         name = rel.rsplit("/", 1)[-1].split(".ko")[0].replace("-", "_")
-        if (sysmodule / name).is_dir():
+        if _module_live(sysmodule / name):
             continue
         try:
             fd = os.open(f"/lib/modules/{uname.release}/{rel}", os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
-            failures.append(f"{rel}: {exc.strerror}")
+            result.failures.append(f"{rel}: {exc.strerror}")
             continue
         try:
-            if syscall(_SYS_FINIT_MODULE.get(uname.machine, -1), fd, b"", 0) != 0:
+            if syscall(_SYS_FINIT_MODULE.get(uname.machine, -1), fd, b"", 0) == 0:
+                result.loaded += 1
+            else:
                 err = ctypes.get_errno()
                 if err != _EEXIST:
-                    failures.append(f"{rel}: {os.strerror(err)}")
+                    result.failures.append(f"{rel}: {os.strerror(err)}")
         finally:
             os.close(fd)
-    return failures
+    return result
+
+
+def _module_live(d: Path) -> bool:
+    """``/sys/module/<name>`` exists and, for a loadable module, its ``initstate`` is "live" (a
+    built-in module has no ``initstate``; one being loaded says "coming")."""
+    try:
+        return (d / "initstate").read_text().strip() == "live"
+    except FileNotFoundError:
+        return d.is_dir()
+    except OSError:
+        return False
 
 
 def memory_block_size(sysfs: Path = MEMORY_SYSFS) -> int:

@@ -106,9 +106,26 @@ class AgentService:
             mem_total_bytes=r.mem_total,
         )
 
+    async def prepare_template(
+        self, req: pb.PrepareTemplateRequest, ctx: CallContext
+    ) -> pb.PrepareTemplateResponse:
+        r = await self.agent.prepare_template()
+        return pb.PrepareTemplateResponse(
+            modules_listed=r.modules_listed,
+            modules_loaded=r.modules_loaded,
+            failures=r.failures,
+            caches_dropped=r.caches_dropped,
+        )
+
     # sandbox
     async def create_sandbox(self, req: pb.CreateSandboxRequest, ctx: CallContext) -> empty_pb2.Empty:
-        await self.agent.create_sandbox(req.hostname, req.share_tag, req.share_mount_point)
+        await self.agent.create_sandbox(
+            req.hostname,
+            req.share_tag,
+            req.share_mount_point,
+            host_time_ns=req.host_time.ToNanoseconds() if req.HasField("host_time") else None,
+            entropy=req.entropy,
+        )
         return _EMPTY
 
     async def destroy_sandbox(self, req: pb.DestroySandboxRequest, ctx: CallContext) -> empty_pb2.Empty:
@@ -221,6 +238,7 @@ class AgentService:
             "GuestDetails": self.guest_details,
             "GetMemInfo": self.get_mem_info,
             "OnlineMemory": self.online_memory,
+            "PrepareTemplate": self.prepare_template,
             "CreateSandbox": self.create_sandbox,
             "DestroySandbox": self.destroy_sandbox,
             "CreateContainer": self.create_container,

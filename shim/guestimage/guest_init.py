@@ -75,8 +75,11 @@ def load_modules(kver: str, paths: list[str]) -> None:
 def load_rest_in_background(kver: str, paths: list[str]) -> None:
     """Load ``paths`` in a child at SCHED_IDLE: it runs only while the agent waits (disk reads, the
     host), so the agent answers Health without waiting for virtiofs, virtio_mem or virtio_net. The
-    agent, PID 1 and a subreaper, reaps the child."""
-    if os.fork() != 0:
+    agent, PID 1 and a subreaper, reaps the child; its pid is in ``PYVM_MODULES_LOADER_PID`` so that
+    PrepareTemplate can wait for it."""
+    pid = os.fork()
+    if pid != 0:
+        os.environ["PYVM_MODULES_LOADER_PID"] = str(pid)
         return
     try:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))

@@ -465,3 +465,50 @@ async def test_port_mode_reopens_after_eof(tmp_path: Path, rootfs: Path) -> None
         a.stop()
     assert a.proc.returncode == 0, a.log_text()[-3000:]
     assert a.log_text().count("host connected") >= 3
+
+
+async def test_create_sandbox_time_and_entropy_leave_the_host_alone(client: AgentClient) -> None:
+    """Not PID 1, the agent accepts the template fields (clock, entropy) but changes nothing."""
+    from datetime import UTC, datetime, timedelta
+
+    from shim._pb.pyvm.agent.v1 import agent_pb2 as pb
+
+    future = datetime.now(UTC) + timedelta(hours=1)
+    await client.create_sandbox(sandbox_id="sb", host_time=future, entropy=os.urandom(512))
+    assert time.time() < future.timestamp() - 3000  # the host's clock did not move
+    with pytest.raises(InvalidArgument, match="entropy is 513 bytes; at most 512"):
+        await client.ttrpc.call(
+            "pyvm.agent.v1.AgentService",
+            "CreateSandbox",
+            pb.CreateSandboxRequest(entropy=b"\0" * 513),
+            __import__("google.protobuf.empty_pb2", fromlist=["x"]).Empty,
+            timeout=5,
+        )
+    assert await client.check()
+
+
+async def test_prepare_template_on_a_host(client: AgentClient) -> None:
+    """No module list outside the guest image, no cache dropping outside the guest: still answers."""
+    r = await client.prepare_template()
+    assert (r.modules_listed, r.modules_loaded, r.failures, r.caches_dropped) == (0, 0, (), False)
+    assert await client.prepare_template() == r
+
+
+async def test_share_mount_failure_names_the_tag(tmp_path: Path) -> None:
+    """An unknown virtio-fs tag is retried (EINVAL where the host has virtiofs) only for
+    --share-wait; no virtiofs at all (ENODEV) fails at once. Either way the error names the tag."""
+    from shim.errors import FailedPrecondition
+
+    a = AgentProcess(tmp_path, ["--listen", f"unix:{tmp_path / 'agent.sock'}", "--share-wait", "0.5"])
+    try:
+        c = await wait_ready(a.sock, deadline=time.monotonic() + 30)
+        try:
+            start = time.monotonic()
+            with pytest.raises(FailedPrecondition, match="no-such-pyvm-tag"):
+                await c.create_sandbox(share_tag="no-such-pyvm-tag", share_mount_point=str(tmp_path / "mnt"))
+            assert time.monotonic() - start < 10
+        finally:
+            await c.close()
+    finally:
+        a.stop()
+    assert a.proc.returncode == 0, a.log_text()[-3000:]

@@ -7,14 +7,15 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from google.protobuf import empty_pb2
 
 from shim._pb.pyvm.agent.v1 import agent_pb2 as pb
-from shim.agentclient import TIMEOUTS, AgentClient, ExitStatus, Output, Stdio
-from shim.agentclient.client import MAX_IO_CHUNK
+from shim.agentclient import TIMEOUTS, AgentClient, ExitStatus, Output, Stdio, TemplatePrepared
+from shim.agentclient.client import MAX_ENTROPY, MAX_IO_CHUNK, SANDBOX_ENTROPY, SHARE_WAIT
 from shim.errors import GuestError, InvalidArgument, NotFound
 from shim.ttrpc import Client, Method, Server
 
@@ -159,3 +160,52 @@ async def test_big_stdin_is_chunked_and_bad_input_refused_locally(
         await c.resize_tty("c1", "", 70000, 1)
     with pytest.raises(InvalidArgument):
         AgentClient(c.ttrpc, timeout_factor=0)
+
+
+async def test_create_sandbox_sends_host_time_and_fresh_entropy(fake: tuple[FakeAgent, AgentClient]) -> None:
+    """A VM restored from a template has the template's clock and CRNG state: every CreateSandbox
+    carries the host's time and new random bytes, unless the caller gives its own."""
+    f, c = fake
+    before = datetime.now(UTC)
+    await c.create_sandbox(sandbox_id="sb", share_tag="pyvm-shared")
+    await c.create_sandbox()
+    (_, first, timeout), (_, second, plain_timeout) = f.calls
+    assert first.sandbox_id == "sb" and first.share_tag == "pyvm-shared"
+    assert first.HasField("host_time")
+    sent = first.host_time.ToDatetime(tzinfo=UTC)
+    assert before <= sent <= datetime.now(UTC)
+    assert len(first.entropy) == SANDBOX_ENTROPY == 64 and first.entropy != second.entropy
+    # mounting a share may wait for a hot-plugged tag: its deadline covers the agent's wait
+    assert timeout == pytest.approx(TIMEOUTS["CreateSandbox"] * 3.0 + SHARE_WAIT, rel=0.01)
+    assert plain_timeout == pytest.approx(TIMEOUTS["CreateSandbox"] * 3.0, rel=0.01)
+
+    later = datetime(2031, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
+    await c.create_sandbox(host_time=later, entropy=b"\x01" * MAX_ENTROPY)
+    _, req, _ = f.calls[-1]
+    assert req.host_time.ToDatetime(tzinfo=UTC) == later and req.entropy == b"\x01" * MAX_ENTROPY
+    await c.create_sandbox(entropy=b"")
+    assert f.calls[-1][1].entropy == b""
+
+
+async def test_create_sandbox_refuses_bad_time_and_entropy_locally(
+    fake: tuple[FakeAgent, AgentClient],
+) -> None:
+    f, c = fake
+    with pytest.raises(InvalidArgument, match="513 bytes"):
+        await c.create_sandbox(entropy=b"x" * (MAX_ENTROPY + 1))
+    with pytest.raises(InvalidArgument, match="timezone"):
+        await c.create_sandbox(host_time=datetime(2030, 1, 1))
+    assert f.calls == []
+
+
+async def test_prepare_template(fake: tuple[FakeAgent, AgentClient]) -> None:
+    f, c = fake
+    f.answers["PrepareTemplate"] = pb.PrepareTemplateResponse(
+        modules_listed=30, modules_loaded=2, failures=["kernel/x.ko: No such file"], caches_dropped=True
+    )
+    r = await c.prepare_template()
+    assert r == TemplatePrepared(30, 2, ("kernel/x.ko: No such file",), True)
+    assert f.calls[-1][2] == pytest.approx(TIMEOUTS["PrepareTemplate"] * 3.0, rel=0.01)
+    f.answers["PrepareTemplate"] = pb.PrepareTemplateResponse(modules_listed=1, modules_loaded=2)
+    with pytest.raises(GuestError):
+        await c.prepare_template()

@@ -112,17 +112,37 @@ class OnlineMemoryResponse(_message.Message):
     mem_total_bytes: int
     def __init__(self, blocks_onlined: _Optional[int] = ..., bytes_onlined: _Optional[int] = ..., failures: _Optional[_Iterable[str]] = ..., mem_total_bytes: _Optional[int] = ...) -> None: ...
 
+class PrepareTemplateRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PrepareTemplateResponse(_message.Message):
+    __slots__ = ("modules_listed", "modules_loaded", "failures", "caches_dropped")
+    MODULES_LISTED_FIELD_NUMBER: _ClassVar[int]
+    MODULES_LOADED_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
+    CACHES_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    modules_listed: int
+    modules_loaded: int
+    failures: _containers.RepeatedScalarFieldContainer[str]
+    caches_dropped: bool
+    def __init__(self, modules_listed: _Optional[int] = ..., modules_loaded: _Optional[int] = ..., failures: _Optional[_Iterable[str]] = ..., caches_dropped: _Optional[bool] = ...) -> None: ...
+
 class CreateSandboxRequest(_message.Message):
-    __slots__ = ("hostname", "share_tag", "share_mount_point", "sandbox_id")
+    __slots__ = ("hostname", "share_tag", "share_mount_point", "sandbox_id", "host_time", "entropy")
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     SHARE_TAG_FIELD_NUMBER: _ClassVar[int]
     SHARE_MOUNT_POINT_FIELD_NUMBER: _ClassVar[int]
     SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
+    HOST_TIME_FIELD_NUMBER: _ClassVar[int]
+    ENTROPY_FIELD_NUMBER: _ClassVar[int]
     hostname: str
     share_tag: str
     share_mount_point: str
     sandbox_id: str
-    def __init__(self, hostname: _Optional[str] = ..., share_tag: _Optional[str] = ..., share_mount_point: _Optional[str] = ..., sandbox_id: _Optional[str] = ...) -> None: ...
+    host_time: _timestamp_pb2.Timestamp
+    entropy: bytes
+    def __init__(self, hostname: _Optional[str] = ..., share_tag: _Optional[str] = ..., share_mount_point: _Optional[str] = ..., sandbox_id: _Optional[str] = ..., host_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., entropy: _Optional[bytes] = ...) -> None: ...
 
 class DestroySandboxRequest(_message.Message):
     __slots__ = ()

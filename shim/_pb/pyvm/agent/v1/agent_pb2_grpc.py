@@ -172,6 +172,11 @@ class AgentServiceStub:
                 request_serializer=pyvm_dot_agent_dot_v1_dot_agent__pb2.OnlineMemoryRequest.SerializeToString,
                 response_deserializer=pyvm_dot_agent_dot_v1_dot_agent__pb2.OnlineMemoryResponse.FromString,
                 _registered_method=True)
+        self.PrepareTemplate = channel.unary_unary(
+                '/pyvm.agent.v1.AgentService/PrepareTemplate',
+                request_serializer=pyvm_dot_agent_dot_v1_dot_agent__pb2.PrepareTemplateRequest.SerializeToString,
+                response_deserializer=pyvm_dot_agent_dot_v1_dot_agent__pb2.PrepareTemplateResponse.FromString,
+                _registered_method=True)
         self.CreateSandbox = channel.unary_unary(
                 '/pyvm.agent.v1.AgentService/CreateSandbox',
                 request_serializer=pyvm_dot_agent_dot_v1_dot_agent__pb2.CreateSandboxRequest.SerializeToString,
@@ -286,6 +291,15 @@ class AgentServiceServicer:
 
     def OnlineMemory(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PrepareTemplate(self, request, context):
+        """VM templating: the host calls this once on a template VM (booted to agent-ready, no
+        CreateSandbox yet) right before it pauses the VM and saves it; every VM restored from that
+        state then skips the boot. See PrepareTemplateRequest.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -421,6 +435,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.OnlineMemory,
                     request_deserializer=pyvm_dot_agent_dot_v1_dot_agent__pb2.OnlineMemoryRequest.FromString,
                     response_serializer=pyvm_dot_agent_dot_v1_dot_agent__pb2.OnlineMemoryResponse.SerializeToString,
+            ),
+            'PrepareTemplate': grpc.unary_unary_rpc_method_handler(
+                    servicer.PrepareTemplate,
+                    request_deserializer=pyvm_dot_agent_dot_v1_dot_agent__pb2.PrepareTemplateRequest.FromString,
+                    response_serializer=pyvm_dot_agent_dot_v1_dot_agent__pb2.PrepareTemplateResponse.SerializeToString,
             ),
             'CreateSandbox': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateSandbox,
@@ -599,6 +618,33 @@ class AgentService:
             '/pyvm.agent.v1.AgentService/OnlineMemory',
             pyvm_dot_agent_dot_v1_dot_agent__pb2.OnlineMemoryRequest.SerializeToString,
             pyvm_dot_agent_dot_v1_dot_agent__pb2.OnlineMemoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PrepareTemplate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pyvm.agent.v1.AgentService/PrepareTemplate',
+            pyvm_dot_agent_dot_v1_dot_agent__pb2.PrepareTemplateRequest.SerializeToString,
+            pyvm_dot_agent_dot_v1_dot_agent__pb2.PrepareTemplateResponse.FromString,
             options,
             channel_credentials,
             insecure,
