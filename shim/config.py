@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from shim.errors import InvalidArgument
-from shim.paths import DEFAULT_CONFIG, guest_dir
+from shim.paths import DEFAULT_CONFIG, TEMPLATE_ROOT, guest_dir
 
 ARCHES = ("x86_64", "aarch64")
 MACHINES = {"x86_64": ("q35",), "aarch64": ("virt",)}
@@ -113,11 +113,25 @@ class RuntimeConfig:
 
 
 @dataclass(frozen=True)
+class FactoryConfig:
+    """``[factory]``: VM templating. A template is one VM booted to agent-ready and saved (device
+    state + guest RAM); a pod whose VM matches it restores it instead of cold-booting firmware, kernel
+    and agent. Trade-off (why it can be switched off): every VM restored from one template shares the
+    template's boot_id and the kernel layout (KASLR) and heap contents of the moment it was saved; the
+    wall clock and the kernel RNG are reset from the host at restore."""
+
+    enable_template: bool = True
+    #: where ``pyvm template build`` writes templates: <path>/<arch>/<key>/
+    template_path: Path = TEMPLATE_ROOT
+
+
+@dataclass(frozen=True)
 class Config:
     hypervisor: HypervisorConfig
     shared_fs: SharedFsConfig
     timeouts: Timeouts
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    factory: FactoryConfig = field(default_factory=FactoryConfig)
     #: the file this was loaded from; None for the built-in defaults
     source: Path | None = None
 
@@ -173,6 +187,7 @@ def _default_tables(arch: str) -> dict[str, dict[str, Any]]:
         },
         "timeouts": {"boot": 10.0, "agent": 10.0, "qmp": 5.0, "shutdown": 5.0},
         "runtime": {"enable_annotations": []},
+        "factory": {"enable_template": True, "template_path": str(TEMPLATE_ROOT)},
     }
 
 
@@ -287,6 +302,7 @@ def _to_tables(cfg: Config) -> dict[str, dict[str, Any]]:
         ("shared_fs", cfg.shared_fs),
         ("timeouts", cfg.timeouts),
         ("runtime", cfg.runtime),
+        ("factory", cfg.factory),
     ):
         out[name] = {f.name: plain(getattr(obj, f.name)) for f in fields(obj)}
     return out
@@ -305,7 +321,7 @@ def _bad(key: str, value: Any, valid: str, where: str = "") -> InvalidArgument:
 
 
 def _build(t: dict[str, dict[str, Any]], *, source: Path | None, where: str = "") -> Config:
-    hv, fs, to, rt = t["hypervisor"], t["shared_fs"], t["timeouts"], t["runtime"]
+    hv, fs, to, rt, fa = t["hypervisor"], t["shared_fs"], t["timeouts"], t["runtime"], t["factory"]
 
     def choice(sec: str, key: str, allowed: tuple[str, ...], table: dict[str, Any]) -> str:
         v = table[key]
@@ -440,8 +456,19 @@ def _build(t: dict[str, dict[str, Any]], *, source: Path | None, where: str = ""
     )
     timeouts = Timeouts(**{k: seconds(k) for k in ("boot", "agent", "qmp", "shutdown")})
     runtime = RuntimeConfig(enable_annotations=strings("runtime", "enable_annotations", rt))
+    if not isinstance(fa["enable_template"], bool):
+        raise _bad("factory.enable_template", fa["enable_template"], "true or false", where)
+    factory = FactoryConfig(
+        enable_template=fa["enable_template"],
+        template_path=abspath("factory", "template_path", fa),  # type: ignore[arg-type]
+    )
     return Config(
-        hypervisor=hypervisor, shared_fs=shared_fs, timeouts=timeouts, runtime=runtime, source=source
+        hypervisor=hypervisor,
+        shared_fs=shared_fs,
+        timeouts=timeouts,
+        runtime=runtime,
+        factory=factory,
+        source=source,
     )
 
 
@@ -449,6 +476,7 @@ __all__ = [
     "ACCELERATORS",
     "ARCHES",
     "Config",
+    "FactoryConfig",
     "HypervisorConfig",
     "RuntimeConfig",
     "SharedFsConfig",

@@ -19,6 +19,8 @@ from shim.ids import validate_id
 
 #: where `pyvm guest build` installs guest images: <root>/<arch>/<hash>/ and <root>/<arch>/current
 GUEST_ROOT = Path(os.environ.get("PYVM_GUEST_ROOT", "/var/lib/pyvm/guest"))
+#: where `pyvm template build` saves VM templates (the default of ``[factory] template_path``)
+TEMPLATE_ROOT = Path(os.environ.get("PYVM_TEMPLATE_ROOT", "/var/lib/pyvm/templates"))
 #: default configuration file (overridden by PYVM_CONFIG and by containerd's ConfigPath option)
 DEFAULT_CONFIG = Path("/etc/pyvm/configuration.toml")
 #: host-wide caches (accelerator verdict, ...)
@@ -187,6 +189,7 @@ __all__ = [
     "GUEST_SHARE_DIR",
     "LOG_PORT_NAME",
     "SHARE_TAG",
+    "TEMPLATE_ROOT",
     "POSTMORTEM_KEEP",
     "SHIM_SOCKET_DIR",
     "SHIM_SOCKET_DIR_ENV",

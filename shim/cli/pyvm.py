@@ -15,6 +15,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "check": ("shim.cli.check", "can this host run pyvm? which accelerator really works?"),
     "env": ("shim.cli.env", "print the effective configuration, guest assets and versions"),
     "guest": ("shim.cli.guest", "build or inspect the guest images"),
+    "template": ("shim.cli.template", "build, list or delete VM templates (fast pod start)"),
     "install": ("shim.cli.install", "register pyvm in containerd's config"),
     "uninstall": ("shim.cli.install", "remove pyvm from containerd's config"),
     "monitor": ("shim.cli.monitor", "serve the metrics of every pyvm sandbox on this node"),

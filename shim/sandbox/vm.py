@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from shim import config as config_mod
-from shim.agentclient import AgentClient, wait_ready
+from shim.agentclient import AgentClient
 from shim.agentclient.types import Stdio as AgentStdio
 from shim.config import Config
 from shim.errors import (
@@ -63,6 +63,7 @@ from shim.sandbox.spec import (
     Resources,
     Stdio,
 )
+from shim.sandbox.template import boot_vm
 
 log = get_logger("pyvm.sandbox")
 
@@ -229,26 +230,24 @@ class VmSandbox:
             )
             if verdict.degraded:
                 log.warning("guests run EMULATED under TCG (slow)", reason=verdict.reason)
-            vm = QemuVM(cfg, self.sdir, verdict, on_exit=self._vm_exited)
             try:
-                vm.preflight()
+                QemuVM(cfg, self.sdir, verdict).preflight()
             except FailedPrecondition as exc:
                 raise FailedPrecondition(f"{exc}; {GUEST_BUILD_HINT}", **exc.facts) from exc
             self.sdir.root.mkdir(mode=0o700, parents=True, exist_ok=True)
             await asyncio.to_thread(self.storage.prepare_share)
-            self.vm = vm
-            await vm.start()
-            t1 = time.monotonic()
-            deadline = t1 + vm.timeouts.boot + vm.timeouts.agent
             try:
-                agent = await wait_ready(
-                    vm.agent_socket_path, deadline=deadline, timeout_factor=verdict.speed_factor
+                vm, agent = await boot_vm(
+                    cfg, self.sdir, verdict, on_exit=self._vm_exited, created=self._set_vm
                 )
             except ShimError as exc:  # the guest never answered: keep its logs past the cleanup
-                kept = keep_logs(self.sdir)
-                if kept is not None:
-                    exc.message += f" (VM logs kept in {kept})"
+                if "VM logs kept in" not in exc.message:
+                    kept = keep_logs(self.sdir)
+                    if kept is not None:
+                        exc.message += f" (VM logs kept in {kept})"
                 raise
+            self.vm = vm
+            t1 = vm.boot_started
             if self.metrics is not None:
                 agent.ttrpc = TimedTtrpc(agent.ttrpc, self.metrics)  # type: ignore[assignment]
             self.agent = agent
@@ -267,6 +266,7 @@ class VmSandbox:
                 "sandbox VM ready",
                 sandbox_id=self.sandbox_id,
                 accel=verdict.accel,
+                boot=vm.boot.value,
                 qemu_pid=vm.pid,
                 guest_kernel=details.kernel_release,
                 boot_id=details.boot_id,
@@ -276,6 +276,9 @@ class VmSandbox:
             )
             self._spawn(self._oom_loop(), "oom-events")
             return agent
+
+    def _set_vm(self, vm: QemuVM) -> None:
+        self.vm = vm
 
     def _vm_exited(self, info: ExitInfo) -> None:
         log.error(

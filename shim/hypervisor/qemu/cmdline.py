@@ -18,6 +18,7 @@ Why some options are what they are:
 
 from __future__ import annotations
 
+import enum
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -166,16 +167,29 @@ class Smp:
 
 @dataclass(frozen=True)
 class MemoryBackend:
-    """``-object memory-backend-memfd,...,share=on`` (also the QMP ``object-add`` arguments)."""
+    """``-object memory-backend-memfd,...,share=on`` (also the QMP ``object-add`` arguments).
+
+    With ``mem_path`` it is ``memory-backend-file`` on that file instead, still ``share=on``: VM
+    templates keep boot RAM in a memfd the shim creates and hands over as ``/proc/self/fd/N``, so the
+    saved RAM can be written before QEMU starts (restore) or read after it stopped (template build).
+    """
 
     id: str
     size_mib: int
+    mem_path: Path | None = None
 
     def __post_init__(self) -> None:
         _check_id("memory backend id", self.id)
         _check_mib(f"memory backend {self.id} size", self.size_mib)
+        if self.mem_path is not None:
+            _check_abs("memory backend file", self.mem_path)
 
     def to_args(self) -> list[str]:
+        if self.mem_path is not None:
+            return [
+                "-object",
+                f"memory-backend-file,id={self.id},size={self.size_mib}M,mem-path={esc(self.mem_path)},share=on",
+            ]
         return ["-object", f"memory-backend-memfd,id={self.id},size={self.size_mib}M,share=on"]
 
     def qmp_args(self) -> dict[str, object]:
@@ -193,6 +207,7 @@ class Memory:
     slots: int = 0
     max_mib: int | None = None
     backend_id: str = "ram0"
+    mem_path: Path | None = None
 
     def __post_init__(self) -> None:
         _check_mib("memory size", self.size_mib)
@@ -214,7 +229,7 @@ class Memory:
 
     @property
     def backend(self) -> MemoryBackend:
-        return MemoryBackend(self.backend_id, self.size_mib)
+        return MemoryBackend(self.backend_id, self.size_mib, self.mem_path)
 
     def to_args(self) -> list[str]:
         m = f"{self.size_mib}M"
@@ -368,6 +383,47 @@ class VirtioFs:
             f"vhost-user-fs-pci,chardev={self.id},tag={self.tag},queue-size={self.queue_size}",
         ]
 
+    def qmp_chardev(self) -> dict[str, object]:
+        """``chardev-add`` arguments of the chardev (hot-plug after a template restore)."""
+        addr = {"type": "unix", "data": {"path": str(self.socket)}}
+        return {"id": self.id, "backend": {"type": "socket", "data": {"addr": addr, "server": False}}}
+
+    def qmp_device(self, bus: str) -> dict[str, object]:
+        """``device_add`` arguments of the device on the hot-plug port ``bus``."""
+        return {
+            "driver": "vhost-user-fs-pci",
+            "id": f"{self.id}-dev",
+            "chardev": self.id,
+            "tag": self.tag,
+            "queue-size": self.queue_size,
+            "bus": bus,
+        }
+
+
+@dataclass(frozen=True)
+class HotplugPort:
+    """An empty PCIe root port for a device added after start: VM templates cannot carry the virtio-fs
+    device (QEMU 7.2 cannot migrate vhost-user-fs), so a restored VM gets it here."""
+
+    id: str = "rp-hp0"
+    chassis: int = 1
+
+    def __post_init__(self) -> None:
+        _check_id("hot-plug port id", self.id)
+        if not 1 <= self.chassis <= 255:
+            raise InvalidArgument(f"PCIe chassis {self.chassis} must be 1..255", value=self.chassis)
+
+    def to_args(self) -> list[str]:
+        return ["-device", f"pcie-root-port,id={self.id},bus=pcie.0,chassis={self.chassis}"]
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """``-incoming defer``: QEMU waits for ``migrate-incoming`` (a template restore) before running."""
+
+    def to_args(self) -> list[str]:
+        return ["-incoming", "defer"]
+
 
 @dataclass(frozen=True)
 class VirtioMem:
@@ -458,6 +514,20 @@ def kernel_cmdline(arch: str, extra: str = "", more: Sequence[str] = ()) -> str:
     return " ".join(w for w in words if w)
 
 
+class Boot(enum.Enum):
+    """How a VM starts. ``COLD``: firmware, kernel, agent. ``TEMPLATE``: the same, to be saved as a
+    template (RAM in a file, no virtio-fs device, an empty hot-plug port). ``RESTORE``: the template's
+    command line plus ``-incoming defer``; the virtio-fs device is hot-plugged once it runs."""
+
+    COLD = "cold"
+    TEMPLATE = "template"
+    RESTORE = "restore"
+
+
+#: the hot-plug port of template and restored VMs (the virtio-fs device goes there)
+HOTPLUG_PORT = HotplugPort()
+
+
 def vm_command(
     cfg: Config,
     sdir: SandboxDir,
@@ -465,16 +535,25 @@ def vm_command(
     *,
     console_socket: Path | None = None,
     extra_kernel_params: Sequence[str] = (),
+    boot: Boot = Boot.COLD,
+    ram_path: Path | None = None,
 ) -> QemuCommand:
-    """The whole command line of the sandbox VM described by ``cfg`` in ``sdir`` under ``accel``."""
+    """The whole command line of the sandbox VM described by ``cfg`` in ``sdir`` under ``accel``.
+
+    ``boot`` TEMPLATE/RESTORE need ``ram_path``: the file holding boot RAM (see :class:`MemoryBackend`).
+    """
     hv = cfg.hypervisor
+    templated = boot is not Boot.COLD
+    if templated and ram_path is None:
+        raise InvalidArgument(f"a {boot.value} boot needs the file of its boot RAM (ram_path)")
+    mem_path = ram_path if templated else None
     gic = None if hv.machine_type == "q35" else ("host" if accel == "kvm" else "3")
     if hv.memory_hotplug == "acpi":
-        memory = Memory(hv.default_memory, hv.memory_slots, hv.max_memory)
+        memory = Memory(hv.default_memory, hv.memory_slots, hv.max_memory, mem_path=mem_path)
     elif hv.memory_hotplug == "virtio-mem":
-        memory = Memory(hv.default_memory, 0, hv.max_memory)
+        memory = Memory(hv.default_memory, 0, hv.max_memory, mem_path=mem_path)
     else:
-        memory = Memory(hv.default_memory)
+        memory = Memory(hv.default_memory, mem_path=mem_path)
     parts: list[Part] = [
         Base(f"pyvm-{sdir.sandbox_id[:24]}"),
         Machine(hv.machine_type, accel, memory.backend_id, gic, hv.tcg_tb_size),
@@ -493,17 +572,25 @@ def vm_command(
         AgentPort(sdir.agent_sock),
         LogPort(sdir.guest_log),
     ]
-    if cfg.shared_fs.kind == "virtio-fs":
+    if cfg.shared_fs.kind == "virtio-fs" and not templated:
         parts.append(VirtioFs(sdir.virtiofsd_sock))
     if hv.memory_hotplug == "virtio-mem":
         parts.append(VirtioMem(hv.max_memory - hv.default_memory))
+    if templated:
+        parts.append(HOTPLUG_PORT)
+    if boot is Boot.RESTORE:
+        parts.append(Incoming())
     return QemuCommand(hv.path, tuple(parts))
 
 
 __all__ = [
     "AgentPort",
+    "HOTPLUG_PORT",
     "Base",
+    "Boot",
     "Console",
+    "HotplugPort",
+    "Incoming",
     "Cpu",
     "Kernel",
     "LogPort",

@@ -35,21 +35,24 @@ import asyncio
 import contextlib
 import enum
 import os
+import shlex
 import shutil
 import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from shim import config as config_mod
 from shim import paths
 from shim.config import Config, Timeouts
-from shim.errors import FailedPrecondition, InvalidState, ShimError, Unavailable
-from shim.hypervisor.qemu.cmdline import vm_command
+from shim.errors import FailedPrecondition, InvalidArgument, InvalidState, ShimError, Unavailable
+from shim.hypervisor.qemu.cmdline import HOTPLUG_PORT, Boot, VirtioFs, vm_command
 from shim.hypervisor.qemu.memory import DimmMemory, MemoryMechanism, MemoryState, NoHotplug, VirtioMemMemory
 from shim.hypervisor.qemu.process import Child, describe_status, launch_failure, spawn, tail, wait_for_path
 from shim.hypervisor.qemu.qmp import Qmp
+from shim.hypervisor.qemu.template import Template, load_ram, new_ram_fd, save_ram
 from shim.log import get_logger
 from shim.paths import SandboxDir
 from shim.platform.accel import AccelVerdict
@@ -142,7 +145,11 @@ class QemuVM:
         on_exit: Callable[[ExitInfo], None] | None = None,
         console_socket: bool = False,
         extra_kernel_params: Sequence[str] = (),
+        boot: Boot = Boot.COLD,
+        template: Template | None = None,
     ) -> None:
+        if (boot is Boot.RESTORE) != (template is not None):
+            raise InvalidArgument("a restored VM needs its template, and only a restored VM takes one")
         self.cfg = cfg
         self.sdir = sdir
         self.accel = accel
@@ -160,6 +167,12 @@ class QemuVM:
         self._lock = asyncio.Lock()
         self._created_share = False
         self.boot_started = 0.0
+        self.boot = boot
+        self.template = template
+        #: the memfd of boot RAM for TEMPLATE/RESTORE boots (QEMU maps it as /proc/self/fd/N)
+        self._ram_fd: int | None = None
+        #: what a restore took, for logs and metrics: {"ram_bytes", "copy_s", "load_s", "hotplug_s"}
+        self.restore_stats: dict[str, float] = {}
 
     # -- public API ------------------------------------------------------------------------------
 
@@ -176,12 +189,18 @@ class QemuVM:
         return self._exited
 
     def argv(self) -> list[str]:
+        ram_path = None
+        if self.boot is not Boot.COLD:
+            # before the memfd exists (preflight) a placeholder of the same shape
+            ram_path = Path(f"/proc/self/fd/{self._ram_fd if self._ram_fd is not None else 3}")
         return vm_command(
             self.cfg,
             self.sdir,
             self.accel.accel,
             console_socket=self.console_socket_path,
             extra_kernel_params=self.extra_kernel_params,
+            boot=self.boot,
+            ram_path=ram_path,
         ).argv()
 
     def preflight(self) -> None:
@@ -282,14 +301,24 @@ class QemuVM:
         hv = self.cfg.hypervisor
         if hv.firmware_vars is not None:
             shutil.copyfile(hv.firmware_vars, sd.efivars)
-        if self.cfg.shared_fs.kind == "virtio-fs":
+        if self.cfg.shared_fs.kind == "virtio-fs" and self.boot is not Boot.TEMPLATE:
             if not sd.share.exists():
                 sd.share.mkdir(mode=0o700)
                 self._created_share = True
             await self._start_virtiofsd()
+        pass_fds: tuple[int, ...] = ()
+        if self.boot is not Boot.COLD:
+            self._ram_fd = new_ram_fd(hv.default_memory)
+            pass_fds = (self._ram_fd,)
+            if self.template is not None:
+                t = time.monotonic()
+                copied = await asyncio.to_thread(load_ram, self.template, self._ram_fd)
+                self.restore_stats.update(ram_bytes=copied, copy_s=time.monotonic() - t)
         argv = self.argv()
-        log.info("starting QEMU", sandbox_id=sd.sandbox_id, accel=self.accel.accel, argv=argv)
-        self.qemu = await spawn("qemu", argv, sd.qemu_log)
+        log.info(
+            "starting QEMU", sandbox_id=sd.sandbox_id, accel=self.accel.accel, boot=self.boot.value, argv=argv
+        )
+        self.qemu = await spawn("qemu", argv, sd.qemu_log, pass_fds=pass_fds)
         sd.qemu_pid.write_text(f"{self.qemu.pid}\n")
         self._watch = asyncio.create_task(self._watch_exit(), name=f"vm-watch-{sd.sandbox_id}")
         await wait_for_path(sd.qmp_sock, self.qemu, self.timeouts.qmp, what="the QMP socket")
@@ -311,6 +340,8 @@ class QemuVM:
             status=status,
             ms=round((time.monotonic() - self.boot_started) * 1000),
         )
+        if self.boot is Boot.RESTORE:
+            await self._restore()
         mib = hv.default_memory, hv.max_memory
         t = self.timeouts.qmp
         if hv.memory_hotplug == "acpi":
@@ -321,6 +352,83 @@ class QemuVM:
             self.memory = VirtioMemMemory(self.qmp, boot_mib=mib[0], max_mib=mib[1], timeout=t)
         else:
             self.memory = NoHotplug(self.qmp, boot_mib=mib[0], max_mib=mib[0], timeout=t)
+
+    async def _migration_done(self, what: str) -> dict[str, Any]:
+        """Poll query-migrate until the migration (``what``: for errors) completes; QEMU dying or the
+        migration failing raise VMLaunchFailure with QEMU's log."""
+        assert self.qemu is not None and self.qmp is not None
+        deadline = time.monotonic() + self.timeouts.boot
+        while True:
+            if self.qemu.exited.done():
+                raise launch_failure(
+                    self.qemu, f"QEMU {describe_status(self.qemu.returncode)} during {what}", console_log=None
+                )
+            info = await self.qmp.query_migrate()
+            status = info.get("status")
+            if status == "completed":
+                return info
+            if status in ("failed", "cancelled"):
+                raise launch_failure(
+                    self.qemu,
+                    f"{what} {status}: {info.get('error-desc', 'no reason given')}",
+                    console_log=None,
+                )
+            if time.monotonic() > deadline:
+                raise launch_failure(self.qemu, f"{what} not done within {self.timeouts.boot:g} s ({status})")
+            await asyncio.sleep(0.005)
+
+    async def _restore(self) -> None:
+        """Load the template's device state (its RAM is already in our memfd), run the VM, hot-plug
+        the virtio-fs device the template could not carry."""
+        assert self.qmp is not None and self.template is not None
+        t = time.monotonic()
+        await self.qmp.set_migration_capabilities(x_ignore_shared=True)
+        await self.qmp.execute(
+            "migrate-incoming", {"uri": f"exec:cat -- {shlex.quote(str(self.template.state))}"}
+        )
+        await self._migration_done("the restore of the VM template")
+        await self.qmp.execute("cont")
+        self.restore_stats["load_s"] = time.monotonic() - t
+        if self._ram_fd is not None:  # QEMU has its own reference since it started
+            os.close(self._ram_fd)
+            self._ram_fd = None
+        if self.cfg.shared_fs.kind == "virtio-fs":
+            t = time.monotonic()
+            fs = VirtioFs(self.sdir.virtiofsd_sock)
+            await self.qmp.execute("chardev-add", fs.qmp_chardev())
+            await self.qmp.execute("device_add", fs.qmp_device(HOTPLUG_PORT.id))
+            self.restore_stats["hotplug_s"] = time.monotonic() - t
+        log.info(
+            "VM restored from its template",
+            sandbox_id=self.sdir.sandbox_id,
+            template=str(self.template.dir),
+            **{k: round(v, 3) for k, v in self.restore_stats.items()},
+        )
+
+    async def save_template(self, dest: Path) -> dict[str, float]:
+        """Pause this ``Boot.TEMPLATE`` VM and write its device state (``dest/state``) and guest RAM
+        (``dest/ram``); the VM stays paused (stop it next). Returns sizes and seconds."""
+        async with self._lock:
+            self._require_running()
+            if self.boot is not Boot.TEMPLATE or self._ram_fd is None:
+                raise InvalidState("VM boot", self.boot.value, Boot.TEMPLATE.value)
+            assert self.qmp is not None
+            t = time.monotonic()
+            await self.qmp.execute("stop")
+            await self.qmp.set_migration_capabilities(x_ignore_shared=True)
+            # QEMU's default cap is 32 MiB/s; this stream is local and small (device state only)
+            await self.qmp.execute("migrate-set-parameters", {"max-bandwidth": 1 << 40})
+            state = dest / "state"
+            await self.qmp.execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(state))}"})
+            await self._migration_done("saving the VM template")
+            t_state = time.monotonic() - t
+            ram = await asyncio.to_thread(save_ram, self._ram_fd, dest / "ram")
+            return {
+                "state_bytes": state.stat().st_size,
+                "ram_bytes": ram,
+                "state_s": t_state,
+                "total_s": time.monotonic() - t,
+            }
 
     async def _connect_qmp(self) -> Qmp:
         """Connect to QMP, retrying while QEMU has bound but not yet listens on the socket."""
@@ -437,6 +545,9 @@ class QemuVM:
         for f in self._runtime_files():
             with contextlib.suppress(FileNotFoundError):
                 f.unlink()
+        if self._ram_fd is not None:
+            os.close(self._ram_fd)
+            self._ram_fd = None
         if self._created_share:
             with contextlib.suppress(OSError):
                 self.sdir.share.rmdir()

@@ -114,8 +114,9 @@ class Child:
             return None
 
 
-async def spawn(name: str, argv: Sequence[str], log_path: Path) -> Child:
-    """Start ``argv`` with stdin from /dev/null and stdout+stderr appended to ``log_path``.
+async def spawn(name: str, argv: Sequence[str], log_path: Path, *, pass_fds: Sequence[int] = ()) -> Child:
+    """Start ``argv`` with stdin from /dev/null and stdout+stderr appended to ``log_path``; the
+    descriptors ``pass_fds`` are inherited under the same numbers (no other).
 
     The child gets its own session (signals to the shim's group do not reach it) and is killed when
     the shim process dies (PR_SET_PDEATHSIG via setpriv), so no VM outlives its shim.
@@ -132,6 +133,7 @@ async def spawn(name: str, argv: Sequence[str], log_path: Path) -> Child:
                 stdout=out,
                 stderr=out,
                 start_new_session=True,
+                pass_fds=tuple(pass_fds),
             )
         except OSError as exc:
             raise VMLaunchFailure(

@@ -201,6 +201,15 @@ class Qmp:
     async def query_memory_size_summary(self) -> dict[str, int]:
         return dict(await self.execute("query-memory-size-summary"))
 
+    async def set_migration_capabilities(self, **caps: bool) -> None:
+        await self.execute(
+            "migrate-set-capabilities",
+            {"capabilities": [{"capability": k.replace("_", "-"), "state": v} for k, v in caps.items()]},
+        )
+
+    async def query_migrate(self) -> dict[str, Any]:
+        return dict(await self.execute("query-migrate"))
+
     async def system_powerdown(self) -> None:
         await self.execute("system_powerdown")
 

@@ -1,0 +1,184 @@
+"""Making VM templates (``pyvm template build``) and booting pod VMs from them.
+
+Build: boot a ``Boot.TEMPLATE`` VM (the pod VM's command line without the virtio-fs device, boot RAM
+in a memfd), wait for the agent, ask it to settle (``PrepareTemplate``: every kernel module loaded,
+caches dropped), pause, save device state + RAM, publish atomically. One build per key at a time
+(a file lock); a second builder waits and then finds the template made.
+
+Boot (:func:`boot_vm`): restore the matching template when there is one, else cold-boot. A restore
+that fails (QEMU refuses the state, the agent does not answer) moves the template aside, logs why,
+and cold-boots: a broken template costs one slow start, never a failed pod.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from shim.agentclient import AgentClient, wait_ready
+from shim.config import Config
+from shim.errors import ShimError
+from shim.hypervisor.qemu import template as store
+from shim.hypervisor.qemu.cmdline import Boot
+from shim.hypervisor.qemu.driver import ExitInfo, QemuVM
+from shim.log import get_logger
+from shim.paths import SandboxDir, run_root
+from shim.platform import accel
+from shim.platform.accel import AccelVerdict
+
+log = get_logger("pyvm.sandbox.template")
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    template: store.Template
+    built: bool  # False: it existed already
+    stats: dict[str, float]
+
+
+async def build(cfg: Config, *, force: bool = False, verdict: AccelVerdict | None = None) -> BuildResult:
+    """Make (or find) the template of the pod VM ``cfg`` describes. Raises ShimError subclasses
+    (the VM did not start, the agent did not answer, saving failed) after cleaning up."""
+    if verdict is None:
+        verdict = accel.resolve(
+            cfg.hypervisor.accelerator, await accel.get_verdict(accel.target_for(cfg.hypervisor))
+        )
+    key = store.template_key(cfg, verdict.accel)
+    lock = store.build_lock(cfg, key)
+    await asyncio.to_thread(lock.__enter__)
+    try:
+        existing = store.find(cfg, verdict.accel)
+        if existing is not None and not force:
+            return BuildResult(existing, False, {})
+        return await _build_locked(cfg, verdict, key)
+    finally:
+        lock.__exit__(None, None, None)
+
+
+async def _build_locked(cfg: Config, verdict: AccelVerdict, key: str) -> BuildResult:
+    staging = store.staging_dir(cfg, key)
+    sdir = SandboxDir.for_sandbox(f"template-{key[:12]}-{os.getpid()}", run_root() / "templates")
+    vm = QemuVM(cfg, sdir, verdict, boot=Boot.TEMPLATE)
+    t0 = time.monotonic()
+    try:
+        await vm.start()
+        agent = await wait_ready(
+            vm.agent_socket_path,
+            deadline=time.monotonic() + vm.timeouts.boot + vm.timeouts.agent,
+            timeout_factor=verdict.speed_factor,
+        )
+        t_ready = time.monotonic() - t0
+        try:
+            prep = await agent.prepare_template()
+            details = await agent.guest_details()
+        finally:
+            await agent.close()
+        stats = await vm.save_template(staging)
+        stats["agent_ready_s"] = t_ready
+        template = store.publish(
+            staging,
+            cfg,
+            key,
+            {
+                "material": store.key_material(cfg, verdict.accel),
+                "guest_kernel": details.kernel_release,
+                "modules": getattr(prep, "modules_loaded", None),
+                "stats": stats,
+                "config": str(cfg.source) if cfg.source else None,
+            },
+        )
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        await vm.stop()
+        shutil.rmtree(sdir.root, ignore_errors=True)
+    stats["build_s"] = time.monotonic() - t0
+    log.info("VM template built", template=str(template.dir), **{k: round(v, 3) for k, v in stats.items()})
+    return BuildResult(template, True, stats)
+
+
+async def boot_vm(
+    cfg: Config,
+    sdir: SandboxDir,
+    verdict: AccelVerdict,
+    *,
+    on_exit: Callable[[ExitInfo], None] | None = None,
+    created: Callable[[QemuVM], None] | None = None,
+) -> tuple[QemuVM, AgentClient]:
+    """Start the pod VM and return it with a connected, answering agent: from the template when one
+    matches (and ``[factory] enable_template``), else a cold boot. Raises what the cold boot raises.
+
+    ``created(vm)`` is called with each VM before it starts (the caller can stop it meanwhile)."""
+    if cfg.factory.enable_template:
+        tmpl = store.find(cfg, verdict.accel)
+        if tmpl is None:
+            log.info(
+                "no VM template matches this configuration: cold boot (run `pyvm template build` to make one)",
+                sandbox_id=sdir.sandbox_id,
+                key=store.template_key(cfg, verdict.accel),
+            )
+        else:
+            # no on_exit until it answers: a restore that dies is a fallback, not a dead pod
+            vm = QemuVM(cfg, sdir, verdict, boot=Boot.RESTORE, template=tmpl)
+            if created is not None:
+                created(vm)
+            try:
+                await vm.start()
+                agent = await wait_ready(
+                    vm.agent_socket_path,
+                    deadline=time.monotonic() + vm.timeouts.agent,
+                    timeout_factor=verdict.speed_factor,
+                )
+                vm.on_exit = on_exit
+                return vm, agent
+            except ShimError as exc:
+                await vm.stop()
+                store.quarantine(tmpl, f"restore failed for sandbox {sdir.sandbox_id}: {exc}")
+                log.error(
+                    "restoring the VM template failed: cold boot instead",
+                    sandbox_id=sdir.sandbox_id,
+                    error=str(exc),
+                )
+    vm = QemuVM(cfg, sdir, verdict, on_exit=on_exit)
+    if created is not None:
+        created(vm)
+    await vm.start()
+    try:
+        agent = await wait_ready(
+            vm.agent_socket_path,
+            deadline=time.monotonic() + vm.timeouts.boot + vm.timeouts.agent,
+            timeout_factor=verdict.speed_factor,
+        )
+    except BaseException:
+        await vm.stop()
+        raise
+    return vm, agent
+
+
+def remove(cfg: Config, keep: store.Template | None = None) -> list[Path]:
+    """Delete every template of ``cfg``'s arch except ``keep`` (and half-built or bad leftovers)."""
+    removed = []
+    root = store.arch_dir(cfg)
+    try:
+        entries = list(root.iterdir())
+    except OSError:
+        return []
+    for d in entries:
+        if not d.is_dir() or (keep is not None and d == keep.dir):
+            continue
+        if d.name.startswith(".") and ".tmp-" in d.name:
+            pid = d.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and os.path.exists(f"/proc/{pid}"):
+                continue  # a build in progress
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+    return removed
+
+
+__all__ = ["BuildResult", "boot_vm", "build", "remove"]
