@@ -64,5 +64,11 @@ fi
 
 if [ "${PYVM_SKIP_GUEST:-0}" != 1 ] && [ -x hack/build-guest.sh ]; then
   hack/build-guest.sh
+  # the VM template of the node's configuration: pod VMs restore it instead of cold-booting firmware,
+  # kernel and agent (about 0.5 s instead of about 9 s under TCG); a no-op when it is up to date.
+  # Then drop the templates of earlier guest images or configurations.
+  log "building the VM template of /etc/pyvm/configuration.toml"
+  .venv/bin/pyvm template build
+  .venv/bin/pyvm template rm
 fi
 log "setup done"
