@@ -33,10 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from shim import config as config_mod
+    from shim import log as shimlog
     from shim.hypervisor.qemu import template as store
     from shim.platform import accel
     from shim.sandbox import template as tmpl
 
+    shimlog.configure(level="warning")  # the driver's info lines are for shims; this prints a summary
     try:
         cfg = config_mod.load(args.config)
         if not cfg.factory.enable_template and args.template_command == "build":
@@ -74,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
             else:
                 for r in rows:
                     mark = "*" if r["used"] else " "
-                    print(f"{mark} {r['key']}  {int(r['disk_bytes']) / 2**20:6.0f} MiB  {r['dir']}")
+                    print(f"{mark} {r['key']}  {float(str(r['disk_bytes'])) / 2**20:6.0f} MiB  {r['dir']}")
                 if current is None:
                     print(
                         "(no template matches the configuration: pods boot cold; run `pyvm template build`)"
