@@ -16,12 +16,13 @@ import signal
 import time
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
 
-from shim.agentclient import AgentClient, Stdio, wait_ready
+from shim.agentclient import AgentClient, Stdio, TemplatePrepared, wait_ready
 from shim.errors import InvalidArgument, NotFound
 from shim.paths import GUEST_SHARE_DIR, SHARE_TAG, SandboxDir, guest_dir
 from tests.integration.test_agent_host import build_busybox_rootfs, process, read_all, run_to_exit, spec
@@ -39,11 +40,13 @@ MiB = 1 << 20
 
 
 class VM:
-    def __init__(self, vm: object, client: AgentClient, sdir: SandboxDir) -> None:
+    def __init__(self, vm: object, client: AgentClient, sdir: SandboxDir, prepared: TemplatePrepared) -> None:
         self.vm = vm
         self.client = client
         self.sdir = sdir
         self.rootfs = f"{GUEST_SHARE_DIR}/rootfs"
+        #: PrepareTemplate's answer, asked right after Health as the template builder does
+        self.prepared = prepared
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -72,8 +75,11 @@ async def guest(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[VM]:
         await vm.start()
         client = await wait_ready(vm.agent_socket_path, deadline=t0 + 180, timeout_factor=TIMEOUT_FACTOR)
         print(f"\nQEMU start -> agent Health: {time.monotonic() - t0:.2f}s")
+        t1 = time.monotonic()
+        prepared = await client.prepare_template()
+        print(f"PrepareTemplate: {time.monotonic() - t1:.2f}s {prepared}")
         await client.create_sandbox(sandbox_id=sid, share_tag=SHARE_TAG)
-        handle = VM(vm, client, sdir)
+        handle = VM(vm, client, sdir, prepared)
         yield handle
         client = handle.client  # tests may reconnect
         await client.destroy_sandbox()
@@ -96,6 +102,33 @@ async def test_guest_details(guest: VM) -> None:
     assert d.kernel_release.endswith("cloud-amd64") and d.arch == "x86_64"
     v = await guest.client.version()
     assert v.crun_version.startswith("crun version")
+
+
+async def test_prepare_template_loaded_every_module(guest: VM) -> None:
+    """Right after Health pyvm-init's background loader is still at work: PrepareTemplate loads
+    the rest and waits for it, so the loader has said it finished before the answer."""
+    r = guest.prepared
+    assert r.modules_listed > 10 and r.failures == () and r.caches_dropped, r
+    assert 0 <= r.modules_loaded <= r.modules_listed
+    assert "PYVM-MODULES-LOADED" in guest.sdir.console_log.read_text(errors="replace")
+
+
+async def test_create_sandbox_sets_the_guest_clock(guest: VM) -> None:
+    """A restored template has a stale wall clock: CreateSandbox's host_time sets it (and seeds the
+    RNG; a refused ioctl would fail the call). Asked again with the real time afterwards."""
+    client, c = guest.client, cid()
+    future = datetime.now(UTC) + timedelta(hours=1)
+    sent = time.monotonic()
+    await client.create_sandbox(sandbox_id=guest.sdir.root.name, share_tag=SHARE_TAG, host_time=future)
+    try:
+        await client.create_container(c, spec(Path(guest.rootfs), ["date", "+%s"]), Stdio())
+        await client.start_container(c)
+        out, _err, status = await run_to_exit(client, c)
+        expected = future.timestamp() + (time.monotonic() - sent)
+        assert status == 0 and abs(int(out) - expected) < 5, (out, expected)
+        await client.remove_container(c)
+    finally:
+        await client.create_sandbox(sandbox_id=guest.sdir.root.name, share_tag=SHARE_TAG)
 
 
 async def test_streams_and_exit_code_from_virtiofs_rootfs(guest: VM) -> None:
