@@ -178,12 +178,15 @@ class AgentClient:
             r.blocks_onlined, r.bytes_onlined, tuple(_text(f) for f in r.failures), r.mem_total_bytes
         )
 
-    async def prepare_template(self) -> TemplatePrepared:
+    async def prepare_template(self, *, drop_caches: bool = False) -> TemplatePrepared:
         """Settle a template VM right before the host saves it: every module loaded, filesystems
-        synced, caches dropped. Call it before ``create_sandbox`` (the agent refuses it once a share
+        synced (the page cache dropped only with ``drop_caches``: a warm cache is what lets a restored
+        guest answer at once). Call it before ``create_sandbox`` (the agent refuses it once a share
         is mounted). Module failures are reported in the answer, not raised.
         """
-        r = await self._agent("PrepareTemplate", pb.PrepareTemplateRequest(), pb.PrepareTemplateResponse)
+        r = await self._agent(
+            "PrepareTemplate", pb.PrepareTemplateRequest(drop_caches=drop_caches), pb.PrepareTemplateResponse
+        )
         if len(r.failures) > 4096 or r.modules_loaded > r.modules_listed:
             raise GuestError(
                 f"agent reported {r.modules_loaded} of {r.modules_listed} modules loaded "

@@ -164,9 +164,10 @@ class Agent:
             log.warning("kernel modules not loaded", failures=failures)
         self._modules_ready = True
 
-    async def prepare_template(self) -> TemplateReport:
+    async def prepare_template(self, drop_caches: bool = False) -> TemplateReport:
         """Settle the guest before the host saves it as a template: every listed module loaded
-        (and pyvm-init's background loader gone), filesystems synced, page cache dropped.
+        (and pyvm-init's background loader gone), filesystems synced, the page cache dropped only
+        when asked (a warm cache is what makes a restored guest answer at once).
         Idempotent. Module failures are reported, not raised. Raises ``FailedPrecondition`` once
         the share is mounted or a container exists (a template holds neither).
         """
@@ -189,7 +190,8 @@ class Agent:
             except TimeoutError:
                 failures.append(f"module loader (pid {pid}) still running after {LOADER_WAIT:g} s")
         self._modules_ready = True
-        if self.config.guest_kernel:
+        dropped = drop_caches and self.config.guest_kernel
+        if dropped:
             await asyncio.to_thread(kernel.drop_caches)
         else:
             await asyncio.to_thread(os.sync)
@@ -198,10 +200,10 @@ class Agent:
             modules_listed=mods.listed,
             modules_loaded=mods.loaded,
             failures=failures,
-            caches_dropped=self.config.guest_kernel,
+            caches_dropped=dropped,
             ms=round((time.monotonic() - start) * 1000, 1),
         )
-        return TemplateReport(mods.listed, mods.loaded, tuple(failures), self.config.guest_kernel)
+        return TemplateReport(mods.listed, mods.loaded, tuple(failures), dropped)
 
     # -- sandbox ------------------------------------------------------------------------------------
 

@@ -109,7 +109,7 @@ class AgentService:
     async def prepare_template(
         self, req: pb.PrepareTemplateRequest, ctx: CallContext
     ) -> pb.PrepareTemplateResponse:
-        r = await self.agent.prepare_template()
+        r = await self.agent.prepare_template(drop_caches=req.drop_caches)
         return pb.PrepareTemplateResponse(
             modules_listed=r.modules_listed,
             modules_loaded=r.modules_loaded,

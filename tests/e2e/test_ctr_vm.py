@@ -1,7 +1,9 @@
 """``ctr run --runtime io.containerd.pyvm.v2``: containers in real VMs under a private containerd 1.6.
 
-Every container here boots its own VM (QEMU TCG + OVMF, ~15-25 s on these hosts), so checks are
-grouped per VM: one VM for kernel + exit code, one for stdin, one for the terminal, and one
+The pyvm configuration is the default one with its own template store, and the module first runs
+``pyvm template build --config`` as a user would: every container's VM is restored from that VM
+template (the default way pods start; the cold boot is covered by the CRI, fault and metrics tests).
+Checks are still grouped per VM: one VM for kernel + exit code, one for stdin, one for the terminal, and one
 long-running container for exec, pause/resume, metrics and kill. After each test nothing may be
 left: no QEMU, virtiofsd or shim process, no mount under the run root, no sandbox directory.
 """
@@ -90,7 +92,12 @@ def env() -> Iterator[Env]:
         pytest.skip(reason)
     img = short_base_dir("pyvm-img-")
     run_root = short_base_dir("pyvm-run-")
-    c = Containerd(extra_path=[VENV_BIN], env={"PYVM_RUN_ROOT": str(run_root)})
+    cfg = img / "pyvm.toml"
+    cfg.write_text(f'[factory]\ntemplate_path = "{img / "templates"}"\n')
+    subprocess.run(
+        [str(VENV_BIN / "pyvm"), "template", "build", "--config", str(cfg)], check=True, timeout=RUN_TIMEOUT
+    )
+    c = Containerd(extra_path=[VENV_BIN], env={"PYVM_RUN_ROOT": str(run_root), "PYVM_CONFIG": str(cfg)})
     try:
         with c:
             c.import_image(build_busybox_image(img / "bb.tar"))
@@ -113,6 +120,18 @@ def test_guest_kernel_and_exit_code(vm_env: Env) -> None:
     assert r.returncode == 7, r.stderr
     if platform.release() != release:
         assert r.stdout.strip() != platform.release()  # it really ran in the guest kernel
+
+
+def test_the_vm_is_restored_from_the_template(vm_env: Env) -> None:
+    r = vm_env.run("ktmpl", "cat", "/proc/sys/kernel/random/boot_id")
+    assert r.returncode == 0, (r.stderr, vm_env.c.log_tail())
+    log = vm_env.c.log_path.read_text(errors="replace")
+    restored = [
+        line for line in log.splitlines() if "VM restored from its template" in line and "ktmpl" in line
+    ]
+    assert restored, vm_env.c.log_tail()
+    ready = [line for line in log.splitlines() if "sandbox VM ready" in line and "ktmpl" in line]
+    assert ready and "restore" in ready[-1], vm_env.c.log_tail()
 
 
 def test_stdin_is_piped(vm_env: Env) -> None:
@@ -150,7 +169,7 @@ def test_terminal_with_its_size(vm_env: Env) -> None:
     # that asks at once may see 0x0 (busybox: "stty: standard input"), with runc too. What we prove is
     # that the resize reaches the guest's pty: wait (bounded) for a non-zero size, then print it.
     script = (
-        'i=0; s=; while [ $i -lt 100 ]; do s=$(stty size 2>/dev/null); '
+        "i=0; s=; while [ $i -lt 100 ]; do s=$(stty size 2>/dev/null); "
         'case "$s" in [1-9]*" "[1-9]*) break;; esac; i=$((i+1)); sleep 0.1; done; '
         'echo "size=$s tries=$i"; tty; echo done-$((6*7))'
     )

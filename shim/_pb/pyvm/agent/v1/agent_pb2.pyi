@@ -113,8 +113,10 @@ class OnlineMemoryResponse(_message.Message):
     def __init__(self, blocks_onlined: _Optional[int] = ..., bytes_onlined: _Optional[int] = ..., failures: _Optional[_Iterable[str]] = ..., mem_total_bytes: _Optional[int] = ...) -> None: ...
 
 class PrepareTemplateRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("drop_caches",)
+    DROP_CACHES_FIELD_NUMBER: _ClassVar[int]
+    drop_caches: bool
+    def __init__(self, drop_caches: _Optional[bool] = ...) -> None: ...
 
 class PrepareTemplateResponse(_message.Message):
     __slots__ = ("modules_listed", "modules_loaded", "failures", "caches_dropped")
