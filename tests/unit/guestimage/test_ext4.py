@@ -17,8 +17,11 @@ def _image(tmp_path: Path, name: str, features: str = "^has_journal,^metadata_cs
     src = tmp_path / f"src-{name}"
     (src / "usr" / "lib").mkdir(parents=True)
     (src / "usr" / "lib" / "a.py").write_text("x = 1\n")
-    os.utime(src / "usr" / "lib" / "a.py", (1_600_000_000, 1_600_000_000))
     os.symlink("usr/lib", src / "lib")
+    # mtimes are kept (only atime/ctime/crtime are clamped): fix them all, or two copies made on
+    # either side of a second boundary differ (the directories' mtimes are "now")
+    for p in (src / "usr" / "lib" / "a.py", src / "usr" / "lib", src / "usr", src):
+        os.utime(p, (1_600_000_000, 1_600_000_000))
     out = tmp_path / f"{name}.img"
     env = {**os.environ, "E2FSPROGS_FAKE_TIME": "1704067200"}
     subprocess.run(
