@@ -187,3 +187,29 @@ async def test_a_broken_template_is_moved_aside_and_the_pod_boots_cold(store: St
                 os.rename(d, t.dir)  # type: ignore[attr-defined]
                 shutil.copyfile(saved, t.state)  # type: ignore[attr-defined]
                 (t.dir / "why").unlink()  # type: ignore[attr-defined]
+
+
+async def test_arm64_template_restores_and_mounts_the_share(tmp_path: Path) -> None:
+    """The same on arm64 (virt + AAVMF, no option ROM, native PCIe hot-plug of virtio-fs)."""
+    from shim import config as config_mod
+    from shim.hypervisor.qemu.cmdline import Boot
+    from shim.platform.accel import AccelVerdict
+    from shim.sandbox import template as tmpl
+
+    if not (guest_dir("aarch64") / "manifest.json").exists():
+        pytest.skip("no aarch64 guest image: .venv/bin/pyvm guest build --arch aarch64")
+    cfg = config_mod.with_overrides(config_mod.defaults("aarch64"), default_memory=BOOT_MIB, max_memory=4096)
+    cfg = dataclasses.replace(cfg, factory=config_mod.FactoryConfig(True, tmp_path / "store"))
+    verdict = AccelVerdict("tcg", False, "template test runs under TCG", TIMEOUT_FACTOR, None)
+    assert (await tmpl.build(cfg, verdict=verdict)).built
+    sdir = SandboxDir.for_sandbox(f"arm-{uuid.uuid4().hex[:6]}", tmp_path / "sbs")
+    sdir.root.mkdir(parents=True)
+    sdir.share.mkdir(mode=0o700)
+    vm, client = await tmpl.boot_vm(cfg, sdir, verdict)
+    try:
+        assert vm.boot is Boot.RESTORE
+        await client.create_sandbox(sandbox_id=sdir.sandbox_id, share_tag=SHARE_TAG)  # mounts virtio-fs
+        assert (await client.guest_details()).arch == "aarch64"
+    finally:
+        await client.close()
+        await vm.stop()
