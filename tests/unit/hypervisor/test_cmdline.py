@@ -68,7 +68,7 @@ def test_x86_default_argv_exact() -> None:
         "-machine",
         "q35,memory-backend=ram0",
         "-accel",
-        "tcg,thread=multi,tb-size=64",
+        "tcg,thread=multi,tb-size=32",
         "-cpu",
         "max",
         "-smp",
