@@ -76,7 +76,30 @@ def findings(cfg: config_mod.Config, *, probe: bool = True, reprobe: bool = Fals
     out.append(check_cgroup2())
     out.append(check_dev_kvm())
     out.append(_accel_finding(cfg, qemu_ok=qemu.ok and hv.kernel.is_file(), probe=probe, reprobe=reprobe))
+    out.append(_template_finding(cfg))
     return out
+
+
+def _template_finding(cfg: config_mod.Config) -> Finding:
+    """Whether pods restore a VM template or cold-boot (a slow start is a warning, not a failure)."""
+    from shim.hypervisor.qemu import template as store
+
+    if not cfg.factory.enable_template:
+        return Finding("template", Level.OK, "disabled ([factory] enable_template = false): pods cold-boot")
+    try:
+        cached = accel.load_cached(accel.target_for(cfg.hypervisor))
+    except ShimError:
+        cached = None
+    if cached is None:
+        return Finding("template", Level.WARN, "unknown until the accelerator is probed")
+    found = store.find(cfg, accel.resolve(cfg.hypervisor.accelerator, cached).accel)
+    if found is None:
+        return Finding(
+            "template",
+            Level.WARN,
+            f"no VM template matches in {store.arch_dir(cfg)}: pods cold-boot (run `pyvm template build`)",
+        )
+    return Finding("template", Level.OK, f"pods restore {found.dir}")
 
 
 def _accel_finding(cfg: config_mod.Config, *, qemu_ok: bool, probe: bool, reprobe: bool) -> Finding:
