@@ -147,7 +147,11 @@ async def serve_port(server: Server, path: Path | None, port_name: str = AGENT_P
         try:
             await server.serve_stream(reader, writer)
         finally:
-            writer.transport.abort()
+            # the pipe transport may have closed itself already (EOF/EPIPE); aborting a closed one
+            # raises AttributeError in 3.11 (its loop is gone), which killed the agent on a host
+            # disconnect, e.g. in every VM restored from a template saved right after one
+            if not writer.transport.is_closing():
+                writer.transport.abort()
         log.info("host disconnected", port=str(dev))
 
 

@@ -78,6 +78,9 @@ async def _build_locked(cfg: Config, verdict: AccelVerdict, key: str) -> BuildRe
             details = await agent.guest_details()
         finally:
             await agent.close()
+        # save only once the agent has seen us go: a disconnect saved unprocessed would be handled by
+        # every restored guest instead (and reopening the port is the agent's job, not the pod's)
+        await _agent_saw_disconnect(vm, deadline=time.monotonic() + vm.timeouts.agent)
         stats = await vm.save_template(staging)
         stats["agent_ready_s"] = t_ready
         template = store.publish(
@@ -101,6 +104,23 @@ async def _build_locked(cfg: Config, verdict: AccelVerdict, key: str) -> BuildRe
     stats["build_s"] = time.monotonic() - t0
     log.info("VM template built", template=str(template.dir), **{k: round(v, 3) for k, v in stats.items()})
     return BuildResult(template, True, stats)
+
+
+async def _agent_saw_disconnect(vm: QemuVM, *, deadline: float) -> None:
+    """Wait until the agent's log (the ``io.pyvm.log.0`` port, a file on the host) shows as many
+    "host disconnected" as "host connected" lines. Logs and returns at ``deadline`` otherwise."""
+    while True:
+        try:
+            text = vm.sdir.guest_log.read_bytes()
+        except FileNotFoundError:
+            text = b""
+        if text.count(b'"host disconnected"') >= text.count(b'"host connected"') > 0:
+            await asyncio.sleep(0.05)  # let it get back to waiting for the next host
+            return
+        if time.monotonic() > deadline:
+            log.warning("the template agent did not log the host disconnect; saving anyway")
+            return
+        await asyncio.sleep(0.02)
 
 
 async def boot_vm(

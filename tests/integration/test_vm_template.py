@@ -112,6 +112,10 @@ async def test_restored_vm_runs_a_container_from_the_hotplugged_share(
 
     vm, client = pod
     assert vm.boot is Boot.RESTORE  # type: ignore[attr-defined]
+    # the agent saved in the template serves on: it did not crash or restart (a restarted agent
+    # logs "agent serving" again and costs a cold Python start, ~6 s under TCG)
+    guest_log = vm.sdir.guest_log.read_text(errors="replace")  # type: ignore[attr-defined]
+    assert "agent crashed" not in guest_log and '"agent serving"' not in guest_log, guest_log[-2000:]
     assert "-incoming" in vm.argv() and "vhost-user-fs-pci" not in " ".join(vm.argv())  # type: ignore[attr-defined]
     # the rootfs is read through virtio-fs, whose device was hot-plugged after the restore
     assert await _run(client, ["sh", "-c", "echo hello from $(uname -r)"]) == (
