@@ -61,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
                 print(
                     f"built {info['dir']}: {st['ram_bytes'] / 2**20:.0f} MiB guest RAM, "
                     f"{st['state_bytes'] / 2**20:.1f} MiB device state, in {st['build_s']:.1f} s "
-                    f"(agent ready after {st['agent_ready_s']:.1f} s)"
+                    f"(agent ready after {st['agent_ready_s']:.1f} s; a trial restore answered in "
+                    f"{st['trial_restore_s']:.2f} s, attempt {st['attempts']:.0f})"
                 )
             else:
                 print(f"up to date: {info['dir']}")

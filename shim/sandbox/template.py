@@ -60,8 +60,64 @@ async def build(cfg: Config, *, force: bool = False, verdict: AccelVerdict | Non
         lock.__exit__(None, None, None)
 
 
+#: attempts at a template that restores promptly (see :func:`_trial_restore`)
+BUILD_ATTEMPTS = 3
+
+
 async def _build_locked(cfg: Config, verdict: AccelVerdict, key: str) -> BuildResult:
-    staging = store.staging_dir(cfg, key)
+    """Boot, save, trial-restore; up to BUILD_ATTEMPTS saves until one restores within the limit.
+
+    Why the trial: about half of the saved VMs (measured under TCG here) restore into a guest whose
+    timers fire late for ~6 s (halted, its LAPIC timer re-armed over and over: its clock stands still
+    until it catches up), for every restore of that template; the others answer in ~0.4 s. The cause
+    is not understood yet; a save is kept only when a real restore of it answers in time.
+    """
+    t0 = time.monotonic()
+    limit = TRIAL_LIMIT_S
+    best: tuple[float, Path, dict[str, object]] | None = None
+    try:
+        for attempt in range(1, BUILD_ATTEMPTS + 1):
+            staging = store.staging_dir(cfg, f"{key}-{attempt}")
+            meta = await _save_one(cfg, verdict, key, staging)
+            trial = await _trial_restore(cfg, verdict, store.Template(staging, key))
+            meta["stats"]["trial_restore_s"] = trial  # type: ignore[index]
+            log.info(
+                "template trial restore", attempt=attempt, seconds=round(trial, 2), limit=round(limit, 2)
+            )
+            if best is None or trial < best[0]:
+                if best is not None:
+                    shutil.rmtree(best[1], ignore_errors=True)
+                best = (trial, staging, meta)
+            else:
+                shutil.rmtree(staging, ignore_errors=True)
+            if trial <= limit:
+                break
+        assert best is not None
+        if best[0] > limit:
+            log.warning(
+                "no template save restored within the limit; keeping the fastest",
+                seconds=round(best[0], 2),
+                limit=round(limit, 2),
+            )
+        template = store.publish(best[1], cfg, key, best[2])
+    except BaseException:
+        for d in store.arch_dir(cfg).glob(f".{key}-*.tmp-{os.getpid()}"):
+            shutil.rmtree(d, ignore_errors=True)
+        raise
+    stats = dict(best[2]["stats"])  # type: ignore[call-overload]
+    stats["build_s"] = time.monotonic() - t0
+    stats["attempts"] = attempt
+    log.info("VM template built", template=str(template.dir), **{k: round(v, 3) for k, v in stats.items()})
+    return BuildResult(template, True, stats)
+
+
+#: a trial restore must answer Health within this many seconds (good saves: 0.3-0.8 s under TCG
+#: here, bad ones ~6.6 s; not scaled by the accelerator factor, which is about cold boots)
+TRIAL_LIMIT_S = 2.5
+
+
+async def _save_one(cfg: Config, verdict: AccelVerdict, key: str, staging: Path) -> dict[str, object]:
+    """Boot a template VM, settle it and save it into ``staging``; returns the meta.json fields."""
     sdir = SandboxDir.for_sandbox(f"template-{key[:12]}-{os.getpid()}", run_root() / "templates")
     vm = QemuVM(cfg, sdir, verdict, boot=Boot.TEMPLATE)
     t0 = time.monotonic()
@@ -83,27 +139,36 @@ async def _build_locked(cfg: Config, verdict: AccelVerdict, key: str) -> BuildRe
         await _agent_saw_disconnect(vm, deadline=time.monotonic() + vm.timeouts.agent)
         stats = await vm.save_template(staging)
         stats["agent_ready_s"] = t_ready
-        template = store.publish(
-            staging,
-            cfg,
-            key,
-            {
-                "material": store.key_material(cfg, verdict.accel),
-                "guest_kernel": details.kernel_release,
-                "modules": getattr(prep, "modules_loaded", None),
-                "stats": stats,
-                "config": str(cfg.source) if cfg.source else None,
-            },
-        )
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     finally:
         await vm.stop()
         shutil.rmtree(sdir.root, ignore_errors=True)
-    stats["build_s"] = time.monotonic() - t0
-    log.info("VM template built", template=str(template.dir), **{k: round(v, 3) for k, v in stats.items()})
-    return BuildResult(template, True, stats)
+    return {
+        "material": store.key_material(cfg, verdict.accel),
+        "guest_kernel": details.kernel_release,
+        "modules": prep.modules_loaded,
+        "stats": stats,
+        "config": str(cfg.source) if cfg.source else None,
+    }
+
+
+async def _trial_restore(cfg: Config, verdict: AccelVerdict, t: store.Template) -> float:
+    """Restore ``t`` as a pod would (virtio-fs hot-plugged) and time QEMU start -> Health."""
+    sdir = SandboxDir.for_sandbox(f"trial-{t.key[:12]}-{os.getpid()}", run_root() / "templates")
+    vm = QemuVM(cfg, sdir, verdict, boot=Boot.RESTORE, template=t)
+    t0 = time.monotonic()
+    try:
+        await vm.start()
+        agent = await wait_ready(
+            vm.agent_socket_path,
+            deadline=time.monotonic() + vm.timeouts.agent,
+            timeout_factor=verdict.speed_factor,
+        )
+        elapsed = time.monotonic() - t0
+        await agent.close()
+        return elapsed
+    finally:
+        await vm.stop()
+        shutil.rmtree(sdir.root, ignore_errors=True)
 
 
 async def _agent_saw_disconnect(vm: QemuVM, *, deadline: float) -> None:
@@ -198,6 +263,10 @@ def remove(cfg: Config, keep: store.Template | None = None) -> list[Path]:
                 continue  # a build in progress
         shutil.rmtree(d, ignore_errors=True)
         removed.append(d)
+    for lock in root.glob(".*.lock"):  # the build locks of keys that have no template any more
+        key = lock.name[1 : -len(".lock")]
+        if not (root / key).exists() and not list(root.glob(f".{key}.tmp-*")):
+            lock.unlink(missing_ok=True)
     return removed
 
 
