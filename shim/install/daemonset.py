@@ -46,7 +46,7 @@ log = logging.getLogger("pyvm.installer")
 LABEL = "pyvm.io/runtime"
 RUNTIME_CLASS = "pyvm"
 #: measured (see the comment in deploy/runtimeclass.yaml); keep in step with it (a unit test compares them)
-OVERHEAD = {"memory": "480Mi", "cpu": "20m"}
+OVERHEAD = {"memory": "360Mi", "cpu": "20m"}
 HOST_PYTHON = "/usr/bin/python3.11"
 SHIM_BINARIES = ("containerd-shim-pyvm-v2", "pyvm")
 
