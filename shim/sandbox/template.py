@@ -151,18 +151,23 @@ async def _save_one(cfg: Config, verdict: AccelVerdict, key: str, staging: Path)
     }
 
 
+async def _start_restored(vm: QemuVM) -> AgentClient:
+    """Start a ``Boot.RESTORE`` VM and wait for its agent (it was ready when saved: no boot time)."""
+    await vm.start()
+    return await wait_ready(
+        vm.agent_socket_path,
+        deadline=time.monotonic() + vm.timeouts.agent,
+        timeout_factor=vm.accel.speed_factor,
+    )
+
+
 async def _trial_restore(cfg: Config, verdict: AccelVerdict, t: store.Template) -> float:
     """Restore ``t`` as a pod would (virtio-fs hot-plugged) and time QEMU start -> Health."""
     sdir = SandboxDir.for_sandbox(f"trial-{t.key[:12]}-{os.getpid()}", run_root() / "templates")
     vm = QemuVM(cfg, sdir, verdict, boot=Boot.RESTORE, template=t)
     t0 = time.monotonic()
     try:
-        await vm.start()
-        agent = await wait_ready(
-            vm.agent_socket_path,
-            deadline=time.monotonic() + vm.timeouts.agent,
-            timeout_factor=verdict.speed_factor,
-        )
+        agent = await _start_restored(vm)
         elapsed = time.monotonic() - t0
         await agent.close()
         return elapsed
@@ -214,12 +219,7 @@ async def boot_vm(
             if created is not None:
                 created(vm)
             try:
-                await vm.start()
-                agent = await wait_ready(
-                    vm.agent_socket_path,
-                    deadline=time.monotonic() + vm.timeouts.agent,
-                    timeout_factor=verdict.speed_factor,
-                )
+                agent = await _start_restored(vm)
                 vm.on_exit = on_exit
                 return vm, agent
             except ShimError as exc:
