@@ -76,6 +76,7 @@ class Settings:
     venv: str = "/opt/pyvm/venv"
     guest_root: str = "/var/lib/pyvm/guest"
     config_path: str = "/etc/pyvm/configuration.toml"
+    template_root: str = "/var/lib/pyvm/templates"
     containerd_config: str = "/etc/containerd/config.toml"
     bin_dir: str = "/usr/local/bin"
     record: str = "/opt/pyvm/installed.json"
@@ -113,6 +114,7 @@ class NodeInstaller:
     def install(self) -> None:
         self.check_host()
         self.copy_assets()
+        self.build_template()
         changed = self.register_runtime()
         if changed:
             self.restart_containerd()
@@ -189,6 +191,26 @@ class NodeInstaller:
             link.symlink_to(want)
             self._created(f"{s.bin_dir}/{name}")
         self._save_record()
+
+    def build_template(self) -> None:
+        """The node's VM template (pods restore it instead of cold-booting), built on the host with
+        the copied venv; a no-op when up to date. A failure is logged, not fatal: pods boot cold."""
+        s = self.settings
+        existed = s.host(s.template_root).exists()
+        pyvm = f"{s.venv}/bin/pyvm"
+        res = self.run(on_host(pyvm, "template", "build", "--config", s.config_path))
+        if res.returncode != 0:
+            log.warning(
+                "building the VM template failed (exit %s): %s; pods will cold-boot",
+                res.returncode,
+                (res.stderr or res.stdout).strip()[-2000:],
+            )
+            return
+        log.info("%s", res.stdout.strip())
+        self.run(on_host(pyvm, "template", "rm", "--config", s.config_path))  # earlier guest images'
+        if not existed:
+            self._created(s.template_root)
+            self._save_record()
 
     def remove_assets(self) -> None:
         s = self.settings

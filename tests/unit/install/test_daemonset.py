@@ -126,8 +126,11 @@ def test_install_then_uninstall_exact_requests_and_host_effects(node):
     assert label["content_type"] == "application/merge-patch+json"
     assert label["body"] == {"metadata": {"labels": {"pyvm.io/runtime": "true"}}}
     assert create["body"] == ds.runtime_class_body()
+    pyvm = "/opt/pyvm/venv/bin/pyvm"
     assert hostrun.calls == [
         ds.on_host("test", "-x", "/usr/bin/python3.11"),
+        ds.on_host(pyvm, "template", "build", "--config", "/etc/pyvm/configuration.toml"),
+        ds.on_host(pyvm, "template", "rm", "--config", "/etc/pyvm/configuration.toml"),
         ds.on_host("systemctl", "restart", "containerd"),
     ]
     h = settings.host
@@ -228,6 +231,18 @@ def test_failed_restart_names_the_cause(node):
     inst = ds.NodeInstaller(settings, core, node_api, run=FakeHost(fail={"systemctl"}))
     with pytest.raises(ds.InstallerError, match=r"restarting containerd on the host failed.*systemd unit"):
         inst.restart_containerd()
+
+
+def test_a_failed_template_build_is_not_fatal(node, caplog):
+    """No template means slow pod starts, not a node without pyvm: logged, the install goes on."""
+    settings, _ = node
+    core, node_api = apis(FakeHTTP({}))
+    host = FakeHost(fail={"build"})
+    inst = ds.NodeInstaller(settings, core, node_api, run=host)
+    inst.copy_assets()
+    inst.build_template()
+    assert "building the VM template failed (exit 1)" in caplog.text and "cold-boot" in caplog.text
+    assert not any("rm" in call for call in host.calls)  # nothing to tidy after a failed build
 
 
 def test_operator_config_and_foreign_binaries_are_left_alone(node):
