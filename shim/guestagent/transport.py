@@ -5,6 +5,10 @@ name under /sys/class/virtio-ports and can be opened only once (EBUSY); a read w
 connected returns EOF at once and ``poll`` reports POLLHUP; a write while no host is connected
 blocks; after the host disconnects, nothing answers until the guest closes and reopens the port.
 So the loop is: open, wait for a host, serve until EOF, close, reopen — forever.
+
+The port stays open while the agent waits for a host: closing it discards whatever a host sent in
+the meantime. (An open-check-close loop lost the first Health call whenever the host connected
+between the check and the close; a VM template saved at that moment lost it on every restore.)
 """
 
 from __future__ import annotations
@@ -156,7 +160,8 @@ async def serve_port(server: Server, path: Path | None, port_name: str = AGENT_P
 
 
 async def _open(dev: Path) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str]:
-    """Open ``dev``; raise ``ConnectionRefusedError`` if no host is there yet."""
+    """Open ``dev`` and wait, holding it open, until a host is there (a unix socket: connect to it;
+    ``ConnectionRefusedError`` if nobody listens yet)."""
     if stat.S_ISSOCK(os.stat(dev).st_mode):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -168,10 +173,16 @@ async def _open(dev: Path) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, 
             raise
         return reader, writer, "unix socket"
     fd = os.open(dev, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
-    if not _host_connected(fd):
+    try:
+        delay = _BACKOFF_MIN
+        while not _host_connected(fd):
+            # keep the port open: a host's first request is then queued for us, not thrown away
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _BACKOFF_MAX)
+    except BaseException:
         os.close(fd)
-        raise ConnectionRefusedError("no host on the port")
-    reader, writer = await streams_for_fd(fd)
+        raise
+    reader, writer = await streams_for_fd(fd)  # owns fd from here
     return reader, writer, "virtio-serial"
 
 
