@@ -89,17 +89,17 @@ t1=$(date +%s.%N)
 echo "$OUT" | grep -q "hello from a pyvm VM" || die "the container did not run: $OUT"
 
 field() { echo "$OUT" | sed -n "s/^$1=//p"; }
-ACCEL=$("$PY" - <<'EOF'
-import json, pathlib
-p = pathlib.Path("/var/cache/pyvm/accel.json")
+# the verdict for the configuration the shim used (the cache holds one per QEMU/kernel/arch)
+ACCEL=$(.venv/bin/pyvm env --json 2>/dev/null | "$PY" -c '
+import json, sys
 try:
-    v = next(iter(json.loads(p.read_text()).values()))
-    why = " ".join(str(v.get("kvm_result", "")).replace("|", "/").split())[:160]
-    print(v.get("accel", "?"), "|", why, "|", v.get("speed_factor", ""))
+    d = json.load(sys.stdin)
+    why = " ".join(str(d.get("accelerator_reason", "")).replace("|", "/").split())
+    why = why.split("KVM unusable: ", 1)[-1][:160]
+    print(d.get("accelerator") or "?", "|", why, "|", d.get("accelerator_speed_factor") or "?")
 except Exception:
-    print("? | accelerator verdict not cached | ?")
-EOF
-)
+    print("? | accelerator verdict not available | ?")
+')
 accel=${ACCEL%% |*}
 BOOT=$(grep -o '"sandbox_ready_s": *[0-9.]*' "$WORK/containerd.log" | tail -1 | grep -o '[0-9.]*$' || true)
 [ -n "$BOOT" ] || BOOT=$(grep -o 'sandbox_ready_s=[0-9.]*' "$WORK/containerd.log" | tail -1 | cut -d= -f2 || true)
@@ -117,6 +117,9 @@ if [ "$accel" = tcg ]; then
 else
   printf '  %-22s %s\n' "accelerator:" "$accel"
 fi
+HOW=cold-booted
+grep -q "VM restored from its template" "$WORK/containerd.log" && HOW="restored from its VM template (pyvm template show)"
+printf '  %-22s %s\n' "VM start:" "$HOW"
 printf '  %-22s %s\n' "VM boot (to agent):" "${BOOT:-?} s"
 printf '  %-22s %s s\n' "ctr run wall time:" "$("$PY" -c "print(round($t1 - $t0, 1))")"
 echo
