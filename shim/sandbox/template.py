@@ -16,7 +16,7 @@ import asyncio
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -248,8 +248,9 @@ async def boot_vm(
     return vm, agent
 
 
-def remove(cfg: Config, keep: store.Template | None = None) -> list[Path]:
+def remove(cfg: Config, keep: Iterable[store.Template] = ()) -> list[Path]:
     """Delete every template of ``cfg``'s arch except ``keep`` (and half-built or bad leftovers)."""
+    kept = {t.dir for t in keep}
     removed = []
     root = store.arch_dir(cfg)
     try:
@@ -257,7 +258,7 @@ def remove(cfg: Config, keep: store.Template | None = None) -> list[Path]:
     except OSError:
         return []
     for d in entries:
-        if not d.is_dir() or (keep is not None and d == keep.dir):
+        if not d.is_dir() or d in kept:
             continue
         if d.name.startswith(".") and ".tmp-" in d.name:
             pid = d.name.rsplit("-", 1)[-1]

@@ -121,7 +121,7 @@ def test_remove_keeps_the_used_template_and_running_builds(tmp_path: Path) -> No
     used = _publish(cfg, store.template_key(cfg, "tcg"))
     old = _publish(cfg, "0" * 20)
     building = store.staging_dir(cfg, "1" * 20)  # named after this (live) process
-    assert tmpl.remove(cfg, keep=used) == [old.dir]
+    assert tmpl.remove(cfg, keep=[used]) == [old.dir]
     assert used.dir.exists() and building.exists()
 
 
@@ -152,3 +152,14 @@ def test_factory_section_is_validated(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgument, match=r"factory\.template_path"):
         config.loads('[factory]\ntemplate_path = "relative"\n')
     assert not config.loads("[factory]\nenable_template = false\n").factory.enable_template
+
+
+def test_vcpu_variants_of_the_cli() -> None:
+    from shim.cli.template import vcpu_variants
+
+    assert vcpu_variants("", 1, 8) == [1]
+    assert vcpu_variants("2,4", 1, 8) == [1, 2, 4]
+    assert vcpu_variants("all", 1, 2) == [1, 2]
+    for bad in ("two", "0", "1,,x"):
+        with pytest.raises(InvalidArgument, match="--vcpus"):
+            vcpu_variants(bad, 1, 2)
