@@ -68,7 +68,7 @@ if [ "${PYVM_SKIP_GUEST:-0}" != 1 ] && [ -x hack/build-guest.sh ]; then
   # kernel and agent (about 0.5 s instead of about 9 s under TCG); a no-op when it is up to date.
   # Then drop the templates of earlier guest images or configurations.
   log "building the VM template of /etc/pyvm/configuration.toml"
-  .venv/bin/pyvm template build
-  .venv/bin/pyvm template rm
+  .venv/bin/pyvm template build --vcpus all
+  .venv/bin/pyvm template rm --vcpus all
 fi
 log "setup done"

@@ -198,7 +198,9 @@ class NodeInstaller:
         s = self.settings
         existed = s.host(s.template_root).exists()
         pyvm = f"{s.venv}/bin/pyvm"
-        res = self.run(on_host(pyvm, "template", "build", "--config", s.config_path))
+        # one per vCPU count up to the node's CPUs: CRI pods with CPU limits are sized that way
+        variants = ("--vcpus", "all")
+        res = self.run(on_host(pyvm, "template", "build", "--config", s.config_path, *variants))
         if res.returncode != 0:
             log.warning(
                 "building the VM template failed (exit %s): %s; pods will cold-boot",
@@ -207,7 +209,7 @@ class NodeInstaller:
             )
             return
         log.info("%s", res.stdout.strip())
-        self.run(on_host(pyvm, "template", "rm", "--config", s.config_path))  # earlier guest images'
+        self.run(on_host(pyvm, "template", "rm", "--config", s.config_path, *variants))  # drop stale ones
         if not existed:
             self._created(s.template_root)
             self._save_record()

@@ -129,8 +129,8 @@ def test_install_then_uninstall_exact_requests_and_host_effects(node):
     pyvm = "/opt/pyvm/venv/bin/pyvm"
     assert hostrun.calls == [
         ds.on_host("test", "-x", "/usr/bin/python3.11"),
-        ds.on_host(pyvm, "template", "build", "--config", "/etc/pyvm/configuration.toml"),
-        ds.on_host(pyvm, "template", "rm", "--config", "/etc/pyvm/configuration.toml"),
+        ds.on_host(pyvm, "template", "build", "--config", "/etc/pyvm/configuration.toml", "--vcpus", "all"),
+        ds.on_host(pyvm, "template", "rm", "--config", "/etc/pyvm/configuration.toml", "--vcpus", "all"),
         ds.on_host("systemctl", "restart", "containerd"),
     ]
     h = settings.host
