@@ -57,13 +57,15 @@ def find_port(name: str, sysfs: Path = VIRTIO_PORTS, dev: Path = Path("/dev")) -
 
 
 def _host_connected(fd: int) -> bool:
-    """False while the port has no host on the other side (POLLHUP without data)."""
+    """False while the port has no host on the other side (POLLHUP).
+
+    Data alone does not count: the host's first bytes (data queue) can reach the guest before the
+    "host connected" message (control queue). Served that early, the next read saw EOF (no host
+    yet), the agent closed the port, and the answer to that first request was lost.
+    """
     p = select.poll()
     p.register(fd, select.POLLIN | select.POLLHUP)
-    for _fd, ev in p.poll(0):
-        if ev & select.POLLHUP and not ev & select.POLLIN:
-            return False
-    return True
+    return not any(ev & select.POLLHUP for _fd, ev in p.poll(0))
 
 
 class _WriteProtocol(asyncio.streams.FlowControlMixin):
