@@ -75,9 +75,7 @@ def run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 2
-        verdict = accel.resolve(
-            cfg.hypervisor.accelerator, asyncio.run(accel.get_verdict(accel.target_for(cfg.hypervisor)))
-        )
+        verdict = asyncio.run(accel.verdict_for(cfg.hypervisor))
         variants = [
             cfg if v == cfg.hypervisor.vcpus else config_mod.with_overrides(cfg, vcpus=v)
             for v in vcpu_variants(args.vcpus, cfg.hypervisor.vcpus, os.cpu_count() or 1)

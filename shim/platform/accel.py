@@ -311,6 +311,12 @@ def resolve(accelerator: str, verdict: AccelVerdict) -> AccelVerdict:
     return verdict
 
 
+async def verdict_for(hv: HypervisorConfig) -> AccelVerdict:
+    """The verdict a VM of ``hv`` runs with: the (cached) probe of its target, with
+    ``hv.accelerator`` applied (:func:`resolve`)."""
+    return resolve(hv.accelerator, await get_verdict(target_for(hv)))
+
+
 __all__ = [
     "AccelVerdict",
     "FLOOR_REFERENCE_S",
@@ -324,4 +330,5 @@ __all__ = [
     "probe",
     "resolve",
     "target_for",
+    "verdict_for",
 ]

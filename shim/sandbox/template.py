@@ -2,7 +2,8 @@
 
 Build: boot a ``Boot.TEMPLATE`` VM (the pod VM's command line without the virtio-fs device, boot RAM
 in a memfd), wait for the agent, ask it to settle (``PrepareTemplate``: every kernel module loaded,
-caches dropped), pause, save device state + RAM, publish atomically. One build per key at a time
+filesystems synced, the page cache kept warm), pause, save device state + RAM, trial-restore it,
+publish atomically. One build per key at a time
 (a file lock); a second builder waits and then finds the template made.
 
 Boot (:func:`boot_vm`): restore the matching template when there is one, else cold-boot. A restore
@@ -25,7 +26,7 @@ from shim.config import Config
 from shim.errors import ShimError
 from shim.hypervisor.qemu import template as store
 from shim.hypervisor.qemu.cmdline import Boot
-from shim.hypervisor.qemu.driver import ExitInfo, QemuVM
+from shim.hypervisor.qemu.driver import ExitInfo, QemuVM, keep_logs
 from shim.log import get_logger
 from shim.paths import SandboxDir, run_root
 from shim.platform import accel
@@ -45,9 +46,7 @@ async def build(cfg: Config, *, force: bool = False, verdict: AccelVerdict | Non
     """Make (or find) the template of the pod VM ``cfg`` describes. Raises ShimError subclasses
     (the VM did not start, the agent did not answer, saving failed) after cleaning up."""
     if verdict is None:
-        verdict = accel.resolve(
-            cfg.hypervisor.accelerator, await accel.get_verdict(accel.target_for(cfg.hypervisor))
-        )
+        verdict = await accel.verdict_for(cfg.hypervisor)
     key = store.template_key(cfg, verdict.accel)
     lock = store.build_lock(cfg, key)
     await asyncio.to_thread(lock.__enter__)
@@ -235,14 +234,18 @@ async def boot_vm(
     vm = QemuVM(cfg, sdir, verdict, on_exit=on_exit)
     if created is not None:
         created(vm)
-    await vm.start()
+    await vm.start()  # keeps the VM logs itself when it fails
     try:
         agent = await wait_ready(
             vm.agent_socket_path,
             deadline=time.monotonic() + vm.timeouts.boot + vm.timeouts.agent,
             timeout_factor=verdict.speed_factor,
         )
-    except BaseException:
+    except BaseException as exc:
+        if isinstance(exc, ShimError):  # the guest never answered: its logs outlive the cleanup
+            kept = keep_logs(sdir)
+            if kept is not None:
+                exc.message += f" (VM logs kept in {kept})"
         await vm.stop()
         raise
     return vm, agent

@@ -43,7 +43,7 @@ from shim.errors import (
     ShimError,
     Unavailable,
 )
-from shim.hypervisor.qemu.driver import ExitInfo, QemuVM, keep_logs
+from shim.hypervisor.qemu.driver import ExitInfo, QemuVM
 from shim.log import get_logger
 from shim.metrics import ShimMetrics
 from shim.paths import SHARE_TAG, SandboxDir
@@ -219,8 +219,7 @@ class VmSandbox:
             self.cfg = cfg
             self.sdir.check_socket_paths()  # else virtiofsd/QEMU die later: "Socket path too long"
             _check_guest_files(cfg)  # before the accelerator probe, which boots the guest kernel
-            target = accel.target_for(cfg.hypervisor)
-            verdict = accel.resolve(cfg.hypervisor.accelerator, await accel.get_verdict(target))
+            verdict = await accel.verdict_for(cfg.hypervisor)
             log.info(
                 "accelerator",
                 sandbox_id=self.sandbox_id,
@@ -236,16 +235,7 @@ class VmSandbox:
                 raise FailedPrecondition(f"{exc}; {GUEST_BUILD_HINT}", **exc.facts) from exc
             self.sdir.root.mkdir(mode=0o700, parents=True, exist_ok=True)
             await asyncio.to_thread(self.storage.prepare_share)
-            try:
-                vm, agent = await boot_vm(
-                    cfg, self.sdir, verdict, on_exit=self._vm_exited, created=self._set_vm
-                )
-            except ShimError as exc:  # the guest never answered: keep its logs past the cleanup
-                if "VM logs kept in" not in exc.message:
-                    kept = keep_logs(self.sdir)
-                    if kept is not None:
-                        exc.message += f" (VM logs kept in {kept})"
-                raise
+            vm, agent = await boot_vm(cfg, self.sdir, verdict, on_exit=self._vm_exited, created=self._set_vm)
             self.vm = vm
             t1 = vm.boot_started
             if self.metrics is not None:
