@@ -14,9 +14,7 @@ import fcntl
 import os
 import platform
 import pty
-import select
 import shutil
-import signal
 import struct
 import subprocess
 import termios
@@ -27,7 +25,15 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.containerd import BUSYBOX_REF, Containerd, build_busybox_image, short_base_dir
-from tests.helpers.pyvm_vm import GUEST, RUNTIME, VENV_BIN, guest_kernel_release, shim_skip_reason
+from tests.helpers.pyvm_vm import (
+    GUEST,
+    RUNTIME,
+    VENV_BIN,
+    drain_pty,
+    guest_kernel_release,
+    shim_skip_reason,
+    wait_task_running,
+)
 
 pytestmark = [pytest.mark.containerd, pytest.mark.vm, pytest.mark.slow]
 
@@ -141,7 +147,7 @@ def test_stdin_is_piped(vm_env: Env) -> None:
     data = "".join(f"line {i}\n" for i in range(5000))  # ~50 KiB: several WriteStdin calls
     run = c.ctr_popen("run", "--rm", "--runtime", RUNTIME, BUSYBOX_REF, "stdin", "cat", stdin=subprocess.PIPE)
     try:
-        _wait_running(vm_env, "stdin", run)
+        wait_task_running(vm_env.c, "stdin", run, RUN_TIMEOUT)
         out, err = run.communicate(data, timeout=RUN_TIMEOUT)
     finally:
         if run.poll() is None:
@@ -149,17 +155,6 @@ def test_stdin_is_piped(vm_env: Env) -> None:
             run.wait()
     assert run.returncode == 0, err
     assert out == data
-
-
-def _wait_running(vm_env: Env, cid: str, run: subprocess.Popen[str]) -> None:
-    deadline = time.monotonic() + RUN_TIMEOUT
-    while time.monotonic() < deadline:
-        ls = vm_env.c.ctr("task", "ls").stdout
-        if any(line.split()[:1] == [cid] and "RUNNING" in line for line in ls.splitlines()):
-            return
-        assert run.poll() is None, run.communicate()
-        time.sleep(0.5)
-    raise AssertionError(f"task {cid} never ran")
 
 
 def test_terminal_with_its_size(vm_env: Env) -> None:
@@ -180,24 +175,7 @@ def test_terminal_with_its_size(vm_env: Env) -> None:
         # and with ctr's SIGWINCH handler not yet being installed (the signal was then lost)
         fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 101, 0, 0))
         os.execv(argv[0], argv)
-    out = b""
-    deadline = time.monotonic() + RUN_TIMEOUT
-    try:
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([fd], [], [], 1.0)
-            if ready:
-                try:
-                    chunk = os.read(fd, 4096)
-                except OSError:
-                    break
-                if not chunk:
-                    break
-                out += chunk
-        _, status = os.waitpid(pid, 0)
-    finally:
-        os.close(fd)
-        if time.monotonic() >= deadline:
-            os.kill(pid, signal.SIGKILL)
+    out, status = drain_pty(fd, pid, RUN_TIMEOUT)
     text = out.decode(errors="replace")
     assert "done-42" in text, text
     assert "size=33 101 " in text, text
@@ -209,7 +187,7 @@ def test_exec_pause_resume_metrics_kill(vm_env: Env) -> None:
     c = vm_env.c
     run = c.ctr_popen("run", "--rm", "--runtime", RUNTIME, BUSYBOX_REF, "lr", "sleep", "1000")
     try:
-        _wait_running(vm_env, "lr", run)
+        wait_task_running(vm_env.c, "lr", run, RUN_TIMEOUT)
 
         e = c.ctr(
             "task", "exec", "--exec-id", "e1", "lr", "sh", "-c", "echo from-exec; cat /proc/1/cmdline; exit 3"

@@ -23,7 +23,6 @@ import hashlib
 import json
 import os
 import pty
-import select
 import shutil
 import signal
 import struct
@@ -40,11 +39,13 @@ from tests.helpers.containerd import BUSYBOX_REF, Containerd, build_busybox_imag
 from tests.helpers.pyvm_vm import (
     RUNTIME,
     VENV_BIN,
+    drain_pty,
     mounts_under,
     qemu_pids,
     virtiofsd_pids,
     vm_skip_reason,
     wait_for,
+    wait_task_running,
 )
 
 pytestmark = [pytest.mark.containerd, pytest.mark.vm, pytest.mark.slow]
@@ -214,34 +215,8 @@ def _exec_in_pty(env: Env, argv: list[str], rows: int, cols: int) -> tuple[str, 
     if pid == 0:  # child: the pty's slave is our controlling terminal
         os.execv(argv[0], argv)
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-    out = b""
-    deadline = time.monotonic() + RUN_TIMEOUT
-    try:
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([fd], [], [], 1.0)
-            if ready:
-                try:
-                    chunk = os.read(fd, 4096)
-                except OSError:
-                    break
-                if not chunk:
-                    break
-                out += chunk
-        if time.monotonic() >= deadline:
-            os.kill(pid, signal.SIGKILL)
-        _, status = os.waitpid(pid, 0)
-    finally:
-        os.close(fd)
+    out, status = drain_pty(fd, pid, RUN_TIMEOUT)
     return out.decode(errors="replace"), os.waitstatus_to_exitcode(status)
-
-
-def _wait_running(env: Env, cid: str, run: subprocess.Popen[Any]) -> None:
-    def running() -> bool:
-        assert run.poll() is None, f"ctr run ended early: {run.returncode}"
-        ls = env.c.ctr("task", "ls").stdout
-        return any(line.split()[:1] == [cid] and "RUNNING" in line for line in ls.splitlines())
-
-    wait_for(running, RUN_TIMEOUT, f"task {cid} to run", interval=0.5)
 
 
 def test_exec_tty_and_output_volume(vm_env: Env) -> None:
@@ -251,7 +226,7 @@ def test_exec_tty_and_output_volume(vm_env: Env) -> None:
     with out_f, err_f:
         run = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out_f, stderr=err_f)
     try:
-        _wait_running(vm_env, "vol", run)
+        wait_task_running(vm_env.c, "vol", run, RUN_TIMEOUT)
 
         # exec with a terminal: the pty of the ctr client is 21x77
         text, code = _exec_in_pty(

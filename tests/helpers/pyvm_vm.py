@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -107,6 +108,41 @@ def wait_for(pred: Callable[[], object], timeout: float, what: str, interval: fl
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def wait_task_running(c: Containerd, cid: str, run: subprocess.Popen[str], timeout: float) -> None:
+    """Wait until ``ctr task ls`` shows task ``cid`` RUNNING, while ``run`` (its ``ctr run``) lives."""
+
+    def running() -> bool:
+        assert run.poll() is None, f"ctr run ended early ({run.returncode}): {run.communicate()}"
+        ls = c.ctr("task", "ls").stdout
+        return any(line.split()[:1] == [cid] and "RUNNING" in line for line in ls.splitlines())
+
+    wait_for(running, timeout, f"task {cid} to run", interval=0.5)
+
+
+def drain_pty(fd: int, pid: int, timeout: float) -> tuple[bytes, int]:
+    """Read the pty master ``fd`` of the forked child ``pid`` until EOF (SIGKILL it after
+    ``timeout`` s); close ``fd``, reap the child. Returns the output and the raw wait status."""
+    out = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 1.0)
+            if ready:
+                try:
+                    chunk = os.read(fd, 4096)
+                except OSError:  # EIO: the child side closed
+                    break
+                if not chunk:
+                    break
+                out += chunk
+        if time.monotonic() >= deadline:
+            os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        os.close(fd)
+    return out, status
 
 
 def cmdlines() -> list[tuple[int, list[str]]]:
@@ -256,6 +292,8 @@ def meminfo_kib(text: str, key: str = "MemTotal") -> int:
 
 
 __all__ = [
+    "drain_pty",
+    "wait_task_running",
     "FAKE_VM_ENV",
     "GUEST",
     "QEMU",
