@@ -27,6 +27,7 @@ log = get_logger("pyvm.hypervisor.process")
 #: Python between fork and exec, which is unsafe in a threaded process: in gRPC mode (grpcio's threads)
 #: QEMU "died of SIGSEGV" before exec, one start in a few.
 SETPRIV = shutil.which("setpriv") or "/usr/bin/setpriv"
+_SETPRIV_EXE = os.path.realpath(SETPRIV)  # what /proc/<pid>/exe shows until it execs the binary
 
 
 def _dying_with_parent(argv: Sequence[str]) -> list[str]:
@@ -141,8 +142,22 @@ async def spawn(name: str, argv: Sequence[str], log_path: Path, *, pass_fds: Seq
                 argv=list(argv),
                 exit_code=None,
             ) from exc
+    await _past_setpriv(proc)
     log.debug("spawned", child=name, pid=proc.pid, argv=list(argv))
     return Child(name, argv, proc, log_path)
+
+
+async def _past_setpriv(proc: asyncio.subprocess.Process, timeout: float = 2.0) -> None:  # noqa: ASYNC109
+    """Wait (~1 ms) until setpriv has exec'd the real binary: only from then on is the death signal
+    set. A shim killed in between left the child running (seen as a flaky test, 1 run in ~6)."""
+    deadline = time.monotonic() + timeout
+    while proc.returncode is None and time.monotonic() < deadline:
+        try:
+            if os.readlink(f"/proc/{proc.pid}/exe") != _SETPRIV_EXE:
+                return
+        except OSError:  # gone (or a zombie): nothing left to protect
+            return
+        await asyncio.sleep(0.001)
 
 
 async def wait_for_path(path: Path, child: Child, timeout: float, *, what: str) -> None:  # noqa: ASYNC109
