@@ -10,14 +10,9 @@ left: no QEMU, virtiofsd or shim process, no mount under the run root, no sandbo
 
 from __future__ import annotations
 
-import fcntl
-import os
 import platform
-import pty
 import shutil
-import struct
 import subprocess
-import termios
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,8 +24,9 @@ from tests.helpers.pyvm_vm import (
     GUEST,
     RUNTIME,
     VENV_BIN,
-    drain_pty,
+    WAIT_TTY_SIZE,
     guest_kernel_release,
+    run_in_pty,
     shim_skip_reason,
     wait_task_running,
 )
@@ -116,7 +112,11 @@ def env() -> Iterator[Env]:
 @pytest.fixture
 def vm_env(env: Env) -> Iterator[Env]:
     yield env
-    env.assert_clean()
+    try:
+        env.assert_clean()
+    except AssertionError:
+        env.c.remove_all()  # what a failed test left must not fail the module's next tests too
+        raise
 
 
 def test_guest_kernel_and_exit_code(vm_env: Env) -> None:
@@ -160,27 +160,12 @@ def test_stdin_is_piped(vm_env: Env) -> None:
 def test_terminal_with_its_size(vm_env: Env) -> None:
     """``ctr run -t`` in a pty of 33x101: the guest's ``stty size`` sees it (ResizePty works)."""
     argv = [vm_env.c.ctr_binary, "--address", vm_env.c.address, "run", "--rm", "-t", "--runtime", RUNTIME]
-    # ctr (Linux) puts no consoleSize in the spec and sends ResizePty only after Start, so a process
-    # that asks at once may see 0x0 (busybox: "stty: standard input"), with runc too. What we prove is
-    # that the resize reaches the guest's pty: wait (bounded) for a non-zero size, then print it.
-    script = (
-        "i=0; s=; while [ $i -lt 100 ]; do s=$(stty size 2>/dev/null); "
-        'case "$s" in [1-9]*" "[1-9]*) break;; esac; i=$((i+1)); sleep 0.1; done; '
-        'echo "size=$s tries=$i"; tty; echo done-$((6*7))'
-    )
-    argv += [BUSYBOX_REF, "tty1", "sh", "-c", script]
-    pid, fd = pty.fork()
-    if pid == 0:  # child: the pty's slave is our controlling terminal
-        # sized before ctr starts: sizing it from the parent raced with ctr reading its size (0x0)
-        # and with ctr's SIGWINCH handler not yet being installed (the signal was then lost)
-        fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 101, 0, 0))
-        os.execv(argv[0], argv)
-    out, status = drain_pty(fd, pid, RUN_TIMEOUT)
-    text = out.decode(errors="replace")
+    argv += [BUSYBOX_REF, "tty1", "sh", "-c", WAIT_TTY_SIZE + "; tty; echo done-$((6*7))"]
+    text, code = run_in_pty(argv, 33, 101, RUN_TIMEOUT)
     assert "done-42" in text, text
     assert "size=33 101 " in text, text
     assert "/dev/pts/" in text or "/dev/console" in text, text
-    assert os.waitstatus_to_exitcode(status) == 0
+    assert code == 0, text
 
 
 def test_exec_pause_resume_metrics_kill(vm_env: Env) -> None:

@@ -18,16 +18,11 @@ logger process, no mount under the run root or the test dir, no sandbox director
 from __future__ import annotations
 
 import concurrent.futures
-import fcntl
 import hashlib
 import json
-import os
-import pty
 import shutil
 import signal
-import struct
 import subprocess
-import termios
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,9 +34,10 @@ from tests.helpers.containerd import BUSYBOX_REF, Containerd, build_busybox_imag
 from tests.helpers.pyvm_vm import (
     RUNTIME,
     VENV_BIN,
-    drain_pty,
+    WAIT_TTY_SIZE,
     mounts_under,
     qemu_pids,
+    run_in_pty,
     virtiofsd_pids,
     vm_skip_reason,
     wait_for,
@@ -111,7 +107,11 @@ def env() -> Iterator[Env]:
 @pytest.fixture
 def vm_env(env: Env) -> Iterator[Env]:
     yield env
-    env.assert_clean()
+    try:
+        env.assert_clean()
+    except AssertionError:
+        env.c.remove_all()  # what a failed test left must not fail the module's next tests too
+        raise
 
 
 def _subdir(env: Env, name: str) -> Path:
@@ -210,15 +210,6 @@ def _expected() -> tuple[bytes, bytes]:
     return out, err
 
 
-def _exec_in_pty(env: Env, argv: list[str], rows: int, cols: int) -> tuple[str, int]:
-    pid, fd = pty.fork()
-    if pid == 0:  # child: the pty's slave is our controlling terminal
-        os.execv(argv[0], argv)
-    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-    out, status = drain_pty(fd, pid, RUN_TIMEOUT)
-    return out.decode(errors="replace"), os.waitstatus_to_exitcode(status)
-
-
 def test_exec_tty_and_output_volume(vm_env: Env) -> None:
     d = _subdir(vm_env, "vol")
     out_f, err_f = open(d / "out", "wb"), open(d / "err", "wb")
@@ -229,12 +220,12 @@ def test_exec_tty_and_output_volume(vm_env: Env) -> None:
         wait_task_running(vm_env.c, "vol", run, RUN_TIMEOUT)
 
         # exec with a terminal: the pty of the ctr client is 21x77
-        text, code = _exec_in_pty(
-            vm_env, vm_env.ctr_argv("task", "exec", "-t", "--exec-id", "t1", "vol", "sh", "-c", "stty size; tty"),
-            21, 77,
-        )  # fmt: skip
+        argv = vm_env.ctr_argv(
+            "task", "exec", "-t", "--exec-id", "t1", "vol", "sh", "-c", WAIT_TTY_SIZE + "; tty"
+        )
+        text, code = run_in_pty(argv, 21, 77, RUN_TIMEOUT)
         assert code == 0, text
-        assert "21 77" in text, text
+        assert "size=21 77 " in text, text
         assert "/dev/pts/" in text, text
 
         # exec processes with log URIs: a file, and a logger that is told the container's id
@@ -264,10 +255,13 @@ def test_exec_tty_and_output_volume(vm_env: Env) -> None:
         assert e.returncode == 0, e.stderr
         run.wait(timeout=RUN_TIMEOUT)
     finally:
-        if run.poll() is None:
+        if run.poll() is None:  # a step failed: end the container; ctr run --rm then deletes it
             vm_env.c.ctr("task", "kill", "-s", "SIGKILL", "vol")
-            run.kill()
-            run.wait()
+            try:
+                run.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                run.kill()
+                run.wait()
     out, err = (d / "out").read_bytes(), (d / "err").read_bytes()
     want_out, want_err = _expected()
     assert run.returncode == 5, (err[-2000:], vm_env.c.log_tail())

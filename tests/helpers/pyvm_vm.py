@@ -13,14 +13,18 @@ inherited by the shims), so every QEMU and virtiofsd of a test mentions that dir
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
+import pty
 import select
 import shutil
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -143,6 +147,28 @@ def drain_pty(fd: int, pid: int, timeout: float) -> tuple[bytes, int]:
     finally:
         os.close(fd)
     return out, status
+
+
+# ctr (Linux) puts no consoleSize in the spec and sends ResizePty only after Start, so a process that
+# asks at once may see 0x0 (busybox: "stty: standard input"), with runc too. What a test proves is
+# that the resize reaches the guest's pty: this waits (10 s at most) for a non-zero size, prints it.
+WAIT_TTY_SIZE = (
+    "i=0; s=; while [ $i -lt 100 ]; do s=$(stty size 2>/dev/null); "
+    'case "$s" in [1-9]*" "[1-9]*) break;; esac; i=$((i+1)); sleep 0.1; done; '
+    'echo "size=$s tries=$i"'
+)
+
+
+def run_in_pty(argv: list[str], rows: int, cols: int, timeout: float) -> tuple[str, int]:
+    """Run ``argv`` with a new pty of ``rows`` x ``cols`` as its controlling terminal; return its
+    output and exit code. The size is set in the child before exec: set from the parent it raced
+    with ctr reading its size (0x0) and with ctr's SIGWINCH handler not yet installed."""
+    pid, fd = pty.fork()
+    if pid == 0:  # child: the pty's slave is our controlling terminal
+        fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        os.execv(argv[0], argv)
+    out, status = drain_pty(fd, pid, timeout)
+    return out.decode(errors="replace"), os.waitstatus_to_exitcode(status)
 
 
 def cmdlines() -> list[tuple[int, list[str]]]:
