@@ -131,20 +131,60 @@ class PrepareTemplateResponse(_message.Message):
     def __init__(self, modules_listed: _Optional[int] = ..., modules_loaded: _Optional[int] = ..., failures: _Optional[_Iterable[str]] = ..., caches_dropped: _Optional[bool] = ...) -> None: ...
 
 class CreateSandboxRequest(_message.Message):
-    __slots__ = ("hostname", "share_tag", "share_mount_point", "sandbox_id", "host_time", "entropy")
+    __slots__ = ("hostname", "share_tag", "share_mount_point", "sandbox_id", "host_time", "entropy", "interfaces", "routes")
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     SHARE_TAG_FIELD_NUMBER: _ClassVar[int]
     SHARE_MOUNT_POINT_FIELD_NUMBER: _ClassVar[int]
     SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
     HOST_TIME_FIELD_NUMBER: _ClassVar[int]
     ENTROPY_FIELD_NUMBER: _ClassVar[int]
+    INTERFACES_FIELD_NUMBER: _ClassVar[int]
+    ROUTES_FIELD_NUMBER: _ClassVar[int]
     hostname: str
     share_tag: str
     share_mount_point: str
     sandbox_id: str
     host_time: _timestamp_pb2.Timestamp
     entropy: bytes
-    def __init__(self, hostname: _Optional[str] = ..., share_tag: _Optional[str] = ..., share_mount_point: _Optional[str] = ..., sandbox_id: _Optional[str] = ..., host_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., entropy: _Optional[bytes] = ...) -> None: ...
+    interfaces: _containers.RepeatedCompositeFieldContainer[Interface]
+    routes: _containers.RepeatedCompositeFieldContainer[Route]
+    def __init__(self, hostname: _Optional[str] = ..., share_tag: _Optional[str] = ..., share_mount_point: _Optional[str] = ..., sandbox_id: _Optional[str] = ..., host_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., entropy: _Optional[bytes] = ..., interfaces: _Optional[_Iterable[_Union[Interface, _Mapping]]] = ..., routes: _Optional[_Iterable[_Union[Route, _Mapping]]] = ...) -> None: ...
+
+class Interface(_message.Message):
+    __slots__ = ("name", "mac", "mtu", "addresses")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MAC_FIELD_NUMBER: _ClassVar[int]
+    MTU_FIELD_NUMBER: _ClassVar[int]
+    ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    mac: str
+    mtu: int
+    addresses: _containers.RepeatedCompositeFieldContainer[IPAddress]
+    def __init__(self, name: _Optional[str] = ..., mac: _Optional[str] = ..., mtu: _Optional[int] = ..., addresses: _Optional[_Iterable[_Union[IPAddress, _Mapping]]] = ...) -> None: ...
+
+class IPAddress(_message.Message):
+    __slots__ = ("address", "prefix_len")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_LEN_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    prefix_len: int
+    def __init__(self, address: _Optional[str] = ..., prefix_len: _Optional[int] = ...) -> None: ...
+
+class Route(_message.Message):
+    __slots__ = ("destination", "gateway", "device", "source", "scope", "family")
+    DESTINATION_FIELD_NUMBER: _ClassVar[int]
+    GATEWAY_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_FIELD_NUMBER: _ClassVar[int]
+    destination: str
+    gateway: str
+    device: str
+    source: str
+    scope: int
+    family: int
+    def __init__(self, destination: _Optional[str] = ..., gateway: _Optional[str] = ..., device: _Optional[str] = ..., source: _Optional[str] = ..., scope: _Optional[int] = ..., family: _Optional[int] = ...) -> None: ...
 
 class DestroySandboxRequest(_message.Message):
     __slots__ = ()
