@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -25,6 +25,8 @@ from shim.agentclient.types import (
     CpuStats,
     ExitStatus,
     GuestDetails,
+    GuestInterface,
+    GuestRoute,
     MemInfo,
     MemoryOnlined,
     MemoryStats,
@@ -207,11 +209,14 @@ class AgentClient:
         share_mount_point: str = "",
         host_time: datetime | None = None,
         entropy: bytes | None = None,
+        interfaces: Sequence[GuestInterface] = (),
+        routes: Sequence[GuestRoute] = (),
     ) -> None:
         """Prepare the guest for the pod: its wall clock set to ``host_time`` (default: now), its
         kernel RNG seeded with ``entropy`` (default: ``SANDBOX_ENTROPY`` bytes of ``os.urandom``;
-        at most ``MAX_ENTROPY``), the hostname set and the share mounted. A VM restored from a
-        template needs the first two; the agent waits up to ``SHARE_WAIT`` for a hot-plugged share.
+        at most ``MAX_ENTROPY``), the hostname set, the share mounted and the pod's ``interfaces``
+        and ``routes`` applied to the NICs with their MACs. A VM restored from a template needs the
+        first two; the agent waits up to ``SHARE_WAIT`` for a hot-plugged share or NIC.
         """
         if entropy is None:
             entropy = os.urandom(SANDBOX_ENTROPY)
@@ -227,9 +232,30 @@ class AgentClient:
             share_tag=share_tag,
             share_mount_point=share_mount_point,
             entropy=entropy,
+            interfaces=[
+                pb.Interface(
+                    name=i.name,
+                    mac=i.mac,
+                    mtu=i.mtu,
+                    addresses=[_ip_address(a) for a in i.addresses],
+                )
+                for i in interfaces
+            ],
+            routes=[
+                pb.Route(
+                    destination=r.destination,
+                    gateway=r.gateway,
+                    device=r.device,
+                    source=r.source,
+                    scope=r.scope,
+                    family=r.family,
+                )
+                for r in routes
+            ],
         )
         req.host_time.FromDatetime(host_time)
-        await self._agent("CreateSandbox", req, empty_pb2.Empty, extra=SHARE_WAIT if share_tag else 0.0)
+        waits = share_tag or interfaces
+        await self._agent("CreateSandbox", req, empty_pb2.Empty, extra=SHARE_WAIT if waits else 0.0)
 
     async def destroy_sandbox(self) -> None:
         await self._agent("DestroySandbox", pb.DestroySandboxRequest(), empty_pb2.Empty)
@@ -447,3 +473,11 @@ def _opt_id(s: str) -> str:
         return validate_id(s)
     except InvalidArgument as exc:
         raise GuestError(f"agent sent a bad id: {exc}") from exc
+
+
+def _ip_address(cidr: str) -> pb.IPAddress:
+    """ "10.88.0.5/16" -> IPAddress; the guest validates the parts."""
+    address, _, prefix = cidr.partition("/")
+    if not prefix.isdigit():
+        raise InvalidArgument(f"address {cidr!r} is not ADDRESS/PREFIX_LEN", value=cidr)
+    return pb.IPAddress(address=address, prefix_len=int(prefix))

@@ -16,6 +16,31 @@ class Stdio:
 
 
 @dataclass(frozen=True)
+class GuestInterface:
+    """A network interface the guest configures on the NIC with ``mac`` (CreateSandbox)."""
+
+    name: str
+    mac: str
+    mtu: int = 0
+    #: "10.88.0.5/16", "fd00::5/64"
+    addresses: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class GuestRoute:
+    """A route of the guest's main table; ``destination`` "" is the default route of ``family``."""
+
+    destination: str
+    gateway: str = ""
+    device: str = ""
+    source: str = ""
+    #: RT_SCOPE_*: 0 universe, 253 link
+    scope: int = 0
+    #: 2 (AF_INET) or 10 (AF_INET6)
+    family: int = 2
+
+
+@dataclass(frozen=True)
 class AgentVersion:
     agent_version: str
     protocol_version: int

@@ -17,7 +17,7 @@ import asyncio
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from shim.agentclient import AgentClient, wait_ready
 from shim.config import Config
 from shim.errors import ShimError
 from shim.hypervisor.qemu import template as store
-from shim.hypervisor.qemu.cmdline import Boot
+from shim.hypervisor.qemu.cmdline import Boot, TapNic
 from shim.hypervisor.qemu.driver import ExitInfo, QemuVM, keep_logs
 from shim.log import get_logger
 from shim.paths import SandboxDir, run_root
@@ -201,12 +201,16 @@ async def boot_vm(
     *,
     on_exit: Callable[[ExitInfo], None] | None = None,
     created: Callable[[QemuVM], None] | None = None,
+    nics: Sequence[TapNic] = (),
 ) -> tuple[QemuVM, AgentClient]:
     """Start the pod VM and return it with a connected, answering agent: from the template when one
     matches (and ``[factory] enable_template``), else a cold boot. Raises what the cold boot raises.
 
-    ``created(vm)`` is called with each VM before it starts (the caller can stop it meanwhile)."""
-    if cfg.factory.enable_template:
+    ``created(vm)`` is called with each VM before it starts (the caller can stop it meanwhile).
+    ``nics``: the pod's NICs (a restored VM hot-plugs one at most; more boot cold)."""
+    if cfg.factory.enable_template and len(nics) > 1:
+        log.info("the pod has more than one NIC: cold boot", sandbox_id=sdir.sandbox_id, nics=len(nics))
+    elif cfg.factory.enable_template:
         tmpl = store.find(cfg, verdict.accel)
         if tmpl is None:
             log.info(
@@ -216,7 +220,7 @@ async def boot_vm(
             )
         else:
             # no on_exit until it answers: a restore that dies is a fallback, not a dead pod
-            vm = QemuVM(cfg, sdir, verdict, boot=Boot.RESTORE, template=tmpl)
+            vm = QemuVM(cfg, sdir, verdict, boot=Boot.RESTORE, template=tmpl, nics=nics)
             if created is not None:
                 created(vm)
             try:
@@ -231,7 +235,7 @@ async def boot_vm(
                     sandbox_id=sdir.sandbox_id,
                     error=str(exc),
                 )
-    vm = QemuVM(cfg, sdir, verdict, on_exit=on_exit)
+    vm = QemuVM(cfg, sdir, verdict, on_exit=on_exit, nics=nics)
     if created is not None:
         created(vm)
     await vm.start()  # keeps the VM logs itself when it fails

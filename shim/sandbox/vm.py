@@ -43,12 +43,14 @@ from shim.errors import (
     ShimError,
     Unavailable,
 )
+from shim.hypervisor.qemu.cmdline import TapNic
 from shim.hypervisor.qemu.driver import ExitInfo, QemuVM
 from shim.log import get_logger
 from shim.metrics import ShimMetrics
 from shim.paths import SHARE_TAG, SandboxDir
 from shim.platform import accel
 from shim.resources import memory as mem_policy
+from shim.resources import network
 from shim.resources.annotations import cri_sandbox_vcpus, parse_pod_annotations
 from shim.resources.spec import rewrite_spec
 from shim.resources.storage import RootfsMount, SandboxStorage, cleanup_sandbox_share
@@ -147,6 +149,9 @@ class VmSandbox:
         self._block = 128 * mem_policy.MiB
         self._sandbox_hint = 0
         self._closed = False
+        #: the pod's network (CRI's netns) and the taps wiring it into the VM
+        self.network: network.PodNetwork | None = None
+        self._taps: list[network.Tap] = []
         self.metrics = metrics
         if metrics is not None:
             metrics.set_sandbox_source(VmMetricsSource(self))
@@ -183,6 +188,8 @@ class VmSandbox:
             for p in c.procs.values():
                 await p.stop_io()
         self._containers.clear()
+        if self.network is not None:
+            await asyncio.to_thread(network.detach, self.network.netns, self._taps)
         try:
             await asyncio.to_thread(cleanup_sandbox_share, self.sdir)
         except ShimError as exc:
@@ -190,8 +197,11 @@ class VmSandbox:
 
     # -- boot -------------------------------------------------------------------------------------------
 
-    async def _ensure_vm(self, config_path: str, annotations: Mapping[str, str]) -> AgentClient:
-        """Boot the sandbox's VM once; later calls return its agent.
+    async def _ensure_vm(
+        self, config_path: str, annotations: Mapping[str, str], netns: str | None = None
+    ) -> AgentClient:
+        """Boot the sandbox's VM once; later calls return its agent. ``netns``: the pod's network
+        namespace (CRI's, from the first container's spec): its interfaces become the VM's NICs.
 
         :raises InvalidArgument: an ``io.pyvm.*`` annotation is unknown, not enabled by the node's
             ``[runtime] enable_annotations`` or malformed (the pod asked for something wrong).
@@ -235,14 +245,31 @@ class VmSandbox:
                 raise FailedPrecondition(f"{exc}; {GUEST_BUILD_HINT}", **exc.facts) from exc
             self.sdir.root.mkdir(mode=0o700, parents=True, exist_ok=True)
             await asyncio.to_thread(self.storage.prepare_share)
-            vm, agent = await boot_vm(cfg, self.sdir, verdict, on_exit=self._vm_exited, created=self._set_vm)
+            nics = await self._wire_network(netns)
+            try:
+                vm, agent = await boot_vm(
+                    cfg, self.sdir, verdict, on_exit=self._vm_exited, created=self._set_vm, nics=nics
+                )
+            except BaseException:
+                if self.network is not None:
+                    await asyncio.to_thread(network.detach, self.network.netns, self._taps)
+                raise
+            finally:
+                for t in self._taps:
+                    t.close()  # QEMU holds its own copies: the taps live as long as QEMU
             self.vm = vm
             t1 = vm.boot_started
             if self.metrics is not None:
                 agent.ttrpc = TimedTtrpc(agent.ttrpc, self.metrics)  # type: ignore[assignment]
             self.agent = agent
             t2 = time.monotonic()
-            await agent.create_sandbox(sandbox_id=self.sandbox_id, share_tag=SHARE_TAG)
+            net = self.network
+            await agent.create_sandbox(
+                sandbox_id=self.sandbox_id,
+                share_tag=SHARE_TAG,
+                interfaces=net.interfaces if net else (),
+                routes=net.routes if net else (),
+            )
             details = await agent.guest_details()
             if details.memory_block_size:
                 self._block = details.memory_block_size
@@ -266,6 +293,16 @@ class VmSandbox:
             )
             self._spawn(self._oom_loop(), "oom-events")
             return agent
+
+    async def _wire_network(self, netns: str | None) -> list[TapNic]:
+        """Read the pod's network namespace and wire a tap to each of its interfaces; the NICs QEMU
+        gets. None: no namespace to carry (a new one or the host's): the VM has loopback only."""
+        if netns is None:
+            return []
+        net = await asyncio.to_thread(network.inspect, netns)
+        self._taps = await asyncio.to_thread(network.attach, net)
+        self.network = net
+        return [TapNic(t.fd, t.mac, i) for i, t in enumerate(self._taps)]
 
     def _set_vm(self, vm: QemuVM) -> None:
         self.vm = vm
@@ -406,7 +443,7 @@ class VmSandbox:
         annotations = spec.get("annotations") or {}
         if not self._containers and cid == self.sandbox_id:
             self._sandbox_hint = mem_policy.sandbox_memory_hint(annotations)
-        agent = await self._ensure_vm(request.config_path, annotations)
+        agent = await self._ensure_vm(request.config_path, annotations, network.netns_path(spec))
         limit = mem_policy.limit_of(_memory_limit((spec.get("linux") or {}).get("resources") or {}))
         mounted = False
         io: HostIO | None = None

@@ -25,11 +25,10 @@ import pytest
 from tests.helpers.containerd import short_base_dir
 from tests.helpers.cri import CriContainerd, linux_resources, missing_prerequisites
 from tests.helpers.pyvm_vm import (
-    VENV_BIN,
     host_boot_id,
     meminfo_kib,
+    pyvm_cri,
     qemu_pids,
-    remove_leftovers,
     sandbox_leftovers,
     vm_skip_reason,
     wait_for,
@@ -62,14 +61,8 @@ def cri_pyvm(request: pytest.FixtureRequest) -> Iterator[tuple[CriContainerd, Pa
         max_memory=MAX_MEMORY_MIB,
         memory_hotplug=request.param,
     )
-    h = CriContainerd(base, pyvm_config_path=cfg, shim_dirs=[VENV_BIN], env={"PYVM_RUN_ROOT": str(run_root)})
-    try:
-        h.start()
+    with pyvm_cri(base, cfg, run_root) as h:
         yield h, run_root
-    finally:
-        h.stop()
-        left = h.leftovers() + remove_leftovers(base, run_root)
-        assert left == [], left
 
 
 def _mem_total(h: CriContainerd, cid: str) -> int:

@@ -28,9 +28,13 @@ import termios
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from shim import paths
 from tests.helpers.containerd import BUSYBOX_REF, Containerd, build_busybox_image, short_base_dir
+
+if TYPE_CHECKING:
+    from tests.helpers.cri import CriContainerd
 
 VENV_BIN = Path(sys.executable).parent
 SHIM_NAME = "containerd-shim-pyvm-v2"
@@ -304,6 +308,24 @@ def remove_leftovers(base: Path, run_root: Path) -> list[str]:
     left += [f"mount {m}" for m in mounts_under(base)]
     force_clean(base, run_root)
     return left
+
+
+@contextlib.contextmanager
+def pyvm_cri(base: Path, config: Path, run_root: Path) -> Iterator[CriContainerd]:
+    """A started CRI containerd (``tests.helpers.cri``) whose ``pyvm`` runtime uses ``config`` and
+    runs its VMs under ``run_root``; on exit it is stopped and nothing of it may be left."""
+    from tests.helpers.cri import CriContainerd
+
+    h = CriContainerd(
+        base, pyvm_config_path=config, shim_dirs=[VENV_BIN], env={"PYVM_RUN_ROOT": str(run_root)}
+    )
+    try:
+        h.start()
+        yield h
+    finally:
+        h.stop()
+        left = h.leftovers() + remove_leftovers(base, run_root)
+        assert left == [], left
 
 
 def host_boot_id() -> str:

@@ -412,10 +412,64 @@ class VirtioFs:
         }
 
 
+_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+
+
+@dataclass(frozen=True)
+class TapNic:
+    """A virtio-net NIC backed by the tap device QEMU inherits as ``fd`` (opened by the shim in the
+    pod's network namespace, see shim.resources.network), with the pod interface's ``mac``. No option
+    ROM: the firmware never boots from the network (``-boot strict=on``) and iPXE costs boot time."""
+
+    fd: int
+    mac: str
+    index: int = 0
+
+    def __post_init__(self) -> None:
+        if self.fd < 3:
+            raise InvalidArgument(f"tap fd {self.fd} must be an inherited descriptor (>= 3)", value=self.fd)
+        if not _MAC.match(self.mac):
+            raise InvalidArgument(f"MAC {self.mac!r} is not aa:bb:cc:dd:ee:ff (lower case)", value=self.mac)
+        if not 0 <= self.index < 64:
+            raise InvalidArgument(f"NIC index {self.index} must be 0..63", value=self.index)
+
+    @property
+    def id(self) -> str:
+        return f"nic{self.index}"
+
+    @property
+    def netdev_id(self) -> str:
+        return f"net{self.index}"
+
+    def to_args(self) -> list[str]:
+        return [
+            "-netdev",
+            f"tap,id={self.netdev_id},fd={self.fd}",
+            "-device",
+            f"virtio-net-pci,netdev={self.netdev_id},id={self.id},mac={self.mac},romfile=",
+        ]
+
+    def qmp_netdev(self) -> dict[str, object]:
+        """``netdev_add`` arguments (hot-plug after a template restore; QEMU inherited ``fd``)."""
+        return {"type": "tap", "id": self.netdev_id, "fd": str(self.fd)}
+
+    def qmp_device(self, bus: str) -> dict[str, object]:
+        """``device_add`` arguments of the NIC on the hot-plug port ``bus``."""
+        return {
+            "driver": "virtio-net-pci",
+            "id": self.id,
+            "netdev": self.netdev_id,
+            "mac": self.mac,
+            "romfile": "",
+            "bus": bus,
+        }
+
+
 @dataclass(frozen=True)
 class HotplugPort:
     """An empty PCIe root port for a device added after start: VM templates cannot carry the virtio-fs
-    device (QEMU 7.2 cannot migrate vhost-user-fs), so a restored VM gets it here."""
+    device (QEMU 7.2 cannot migrate vhost-user-fs) nor the pod's NIC (its tap belongs to one pod), so
+    a restored VM gets them here."""
 
     id: str = "rp-hp0"
     chassis: int = 1
@@ -528,16 +582,18 @@ def kernel_cmdline(arch: str, extra: str = "", more: Sequence[str] = ()) -> str:
 
 class Boot(enum.Enum):
     """How a VM starts. ``COLD``: firmware, kernel, agent. ``TEMPLATE``: the same, to be saved as a
-    template (RAM in a file, no virtio-fs device, an empty hot-plug port). ``RESTORE``: the template's
-    command line plus ``-incoming defer``; the virtio-fs device is hot-plugged once it runs."""
+    template (RAM in a file, no virtio-fs device, no NIC, empty hot-plug ports). ``RESTORE``: the
+    template's command line plus ``-incoming defer``; the virtio-fs device and the pod's NIC (one at
+    most) are hot-plugged once it runs."""
 
     COLD = "cold"
     TEMPLATE = "template"
     RESTORE = "restore"
 
 
-#: the hot-plug port of template and restored VMs (the virtio-fs device goes there)
+#: the hot-plug ports of template and restored VMs: the virtio-fs device, the pod's NIC
 HOTPLUG_PORT = HotplugPort()
+NIC_HOTPLUG_PORT = HotplugPort("rp-hp1", chassis=2)
 
 
 def vm_command(
@@ -549,10 +605,12 @@ def vm_command(
     extra_kernel_params: Sequence[str] = (),
     boot: Boot = Boot.COLD,
     ram_path: Path | None = None,
+    nics: Sequence[TapNic] = (),
 ) -> QemuCommand:
     """The whole command line of the sandbox VM described by ``cfg`` in ``sdir`` under ``accel``.
 
     ``boot`` TEMPLATE/RESTORE need ``ram_path``: the file holding boot RAM (see :class:`MemoryBackend`).
+    ``nics`` are on the command line of a COLD boot; a restored VM gets them hot-plugged instead.
     """
     hv = cfg.hypervisor
     templated = boot is not Boot.COLD
@@ -594,7 +652,9 @@ def vm_command(
     if hv.memory_hotplug == "virtio-mem":
         parts.append(VirtioMem(hv.max_memory - hv.default_memory))
     if templated:
-        parts.append(HOTPLUG_PORT)
+        parts += [HOTPLUG_PORT, NIC_HOTPLUG_PORT]
+    else:
+        parts += list(nics)
     if boot is Boot.RESTORE:
         parts.append(Incoming())
     return QemuCommand(hv.path, tuple(parts))
@@ -603,6 +663,7 @@ def vm_command(
 __all__ = [
     "AgentPort",
     "HOTPLUG_PORT",
+    "NIC_HOTPLUG_PORT",
     "Base",
     "Boot",
     "Console",
@@ -622,6 +683,7 @@ __all__ = [
     "Qmp",
     "RootDisk",
     "Smp",
+    "TapNic",
     "VirtioFs",
     "VirtioMem",
     "console_device",

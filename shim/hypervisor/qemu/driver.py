@@ -48,7 +48,7 @@ from shim import config as config_mod
 from shim import paths
 from shim.config import Config, Timeouts
 from shim.errors import FailedPrecondition, InvalidArgument, InvalidState, ShimError, Unavailable
-from shim.hypervisor.qemu.cmdline import HOTPLUG_PORT, Boot, VirtioFs, vm_command
+from shim.hypervisor.qemu.cmdline import HOTPLUG_PORT, NIC_HOTPLUG_PORT, Boot, TapNic, VirtioFs, vm_command
 from shim.hypervisor.qemu.memory import DimmMemory, MemoryMechanism, MemoryState, NoHotplug, VirtioMemMemory
 from shim.hypervisor.qemu.process import Child, describe_status, launch_failure, spawn, tail, wait_for_path
 from shim.hypervisor.qemu.qmp import Qmp
@@ -147,9 +147,19 @@ class QemuVM:
         extra_kernel_params: Sequence[str] = (),
         boot: Boot = Boot.COLD,
         template: Template | None = None,
+        nics: Sequence[TapNic] = (),
     ) -> None:
+        """``nics``: the pod's NICs; their tap fds stay the caller's (QEMU inherits copies; close
+        them once :meth:`start` returned). A restored VM takes one at most (one hot-plug port)."""
         if (boot is Boot.RESTORE) != (template is not None):
             raise InvalidArgument("a restored VM needs its template, and only a restored VM takes one")
+        if boot is Boot.TEMPLATE and nics:
+            raise InvalidArgument("a template VM has no NIC: it belongs to no pod")
+        if boot is Boot.RESTORE and len(nics) > 1:
+            raise InvalidArgument(
+                f"a restored VM has one hot-plug port for NICs; the pod has {len(nics)} (boot it cold)",
+                nics=len(nics),
+            )
         self.cfg = cfg
         self.sdir = sdir
         self.accel = accel
@@ -169,6 +179,7 @@ class QemuVM:
         self.boot_started = 0.0
         self.boot = boot
         self.template = template
+        self.nics = tuple(nics)
         #: the memfd of boot RAM for TEMPLATE/RESTORE boots (QEMU maps it as /proc/self/fd/N)
         self._ram_fd: int | None = None
         #: what a restore took, for logs and metrics: {"ram_bytes", "copy_s", "load_s", "hotplug_s"}
@@ -201,6 +212,7 @@ class QemuVM:
             extra_kernel_params=self.extra_kernel_params,
             boot=self.boot,
             ram_path=ram_path,
+            nics=self.nics,
         ).argv()
 
     def preflight(self) -> None:
@@ -306,10 +318,10 @@ class QemuVM:
                 sd.share.mkdir(mode=0o700)
                 self._created_share = True
             await self._start_virtiofsd()
-        pass_fds: tuple[int, ...] = ()
+        pass_fds = tuple(n.fd for n in self.nics)
         if self.boot is not Boot.COLD:
             self._ram_fd = new_ram_fd(hv.default_memory)
-            pass_fds = (self._ram_fd,)
+            pass_fds += (self._ram_fd,)
             if self.template is not None:
                 t = time.monotonic()
                 copied = await asyncio.to_thread(load_ram, self.template, self._ram_fd)
@@ -398,6 +410,11 @@ class QemuVM:
             await self.qmp.execute("chardev-add", fs.qmp_chardev())
             await self.qmp.execute("device_add", fs.qmp_device(HOTPLUG_PORT.id))
             self.restore_stats["hotplug_s"] = time.monotonic() - t
+        for nic in self.nics:
+            t = time.monotonic()
+            await self.qmp.execute("netdev_add", nic.qmp_netdev())
+            await self.qmp.execute("device_add", nic.qmp_device(NIC_HOTPLUG_PORT.id))
+            self.restore_stats["nic_hotplug_s"] = time.monotonic() - t
         log.info(
             "VM restored from its template",
             sandbox_id=self.sdir.sandbox_id,

@@ -12,7 +12,7 @@ import pytest
 from shim import config
 from shim.errors import InvalidArgument
 from shim.hypervisor.qemu import template as store
-from shim.hypervisor.qemu.cmdline import Boot, vm_command
+from shim.hypervisor.qemu.cmdline import NIC_HOTPLUG_PORT, Boot, TapNic, vm_command
 from shim.paths import SandboxDir
 
 MiB = 1 << 20
@@ -65,6 +65,42 @@ def test_the_three_boots_differ_only_where_they_must(tmp_path: Path) -> None:
     ]
     assert tmpl[i : i + 6] == kernel_args
     assert restore[:-2] == [*tmpl[:i], "-option-rom", "linuxboot_dma.bin", *tmpl[i + 6 :]]
+
+
+def test_the_pod_nic_is_on_a_cold_command_line_and_hot_plugged_after_a_restore(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path)
+    sdir = SandboxDir.for_sandbox("pod1", Path("/run/pyvm/sbs"))
+    nic = TapNic(fd=9, mac="0a:58:0a:58:00:05")
+    cold = vm_command(cfg, sdir, "tcg", nics=[nic]).argv()
+    i = cold.index("-netdev")
+    assert cold[i : i + 4] == [
+        "-netdev",
+        "tap,id=net0,fd=9",
+        "-device",
+        "virtio-net-pci,netdev=net0,id=nic0,mac=0a:58:0a:58:00:05,romfile=",
+    ]
+    ram = Path("/proc/self/fd/7")
+    for boot in (Boot.TEMPLATE, Boot.RESTORE):
+        argv = vm_command(cfg, sdir, "tcg", boot=boot, ram_path=ram, nics=[nic]).argv()
+        assert "-netdev" not in argv  # a template belongs to no pod: the NIC is hot-plugged
+        assert "pcie-root-port,id=rp-hp1,bus=pcie.0,chassis=2" in argv
+    assert nic.qmp_netdev() == {"type": "tap", "id": "net0", "fd": "9"}
+    dev = nic.qmp_device(NIC_HOTPLUG_PORT.id)
+    assert dev["bus"] == "rp-hp1" and dev["mac"] == nic.mac and dev["netdev"] == "net0"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"fd": 1, "mac": "0a:58:0a:58:00:05"}, "tap fd 1"),
+        ({"fd": 9, "mac": "0A:58:0A:58:00:05"}, "MAC '0A:58"),
+        ({"fd": 9, "mac": "0a:58:0a:58:00"}, "MAC"),
+        ({"fd": 9, "mac": "0a:58:0a:58:00:05", "index": 64}, "NIC index 64"),
+    ],
+)
+def test_a_bad_nic_is_refused(kwargs: dict[str, object], match: str) -> None:
+    with pytest.raises(InvalidArgument, match=match):
+        TapNic(**kwargs)  # type: ignore[arg-type]
 
 
 def test_a_templated_boot_needs_its_ram_file(tmp_path: Path) -> None:
