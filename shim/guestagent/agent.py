@@ -16,11 +16,12 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shim._pb.pyvm.agent.v1 import agent_pb2 as pb
 from shim.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -28,7 +29,7 @@ from shim.errors import (
     InvalidState,
     NotFound,
 )
-from shim.guestagent import guest, kernel
+from shim.guestagent import guest, kernel, network
 from shim.guestagent.cgroups import ContainerCgroup, Stats
 from shim.guestagent.crun import Crun
 from shim.guestagent.process import EXIT_IO_GRACE, Process, WaitResult, signal_number
@@ -43,7 +44,8 @@ OOM_POLL_INTERVAL = 0.5
 MAX_OOM_QUEUE = 1024
 MAX_FINISHED_EXECS = 256
 DEFAULT_SHARE_DIR = "/run/pyvm/shared"
-#: how long CreateSandbox waits for an unknown virtio-fs tag to appear, and how often it retries
+#: how long CreateSandbox waits for an unknown virtio-fs tag (or a NIC: ``network.configure``) to
+#: appear, and how often it retries the mount
 SHARE_WAIT = 20.0
 SHARE_POLL = 0.025
 #: what a virtio-fs mount fails with while the kernel does not know the tag: fs/fuse/virtio_fs.c
@@ -215,13 +217,19 @@ class Agent:
         *,
         host_time_ns: int | None = None,
         entropy: bytes = b"",
+        interfaces: Sequence[pb.Interface] = (),
+        routes: Sequence[pb.Route] = (),
     ) -> None:
         """Set the wall clock to ``host_time_ns`` (when given), seed the RNG with ``entropy``, set
-        the hostname and mount the virtio-fs share (waiting up to ``Config.share_wait`` for a tag
-        the kernel does not know yet). Everything is validated before anything changes.
+        the hostname, mount the virtio-fs share (waiting up to ``Config.share_wait`` for a tag the
+        kernel does not know yet), then configure the pod's network: each of ``interfaces`` on the
+        NIC with its MAC (waiting as long for a NIC not probed yet), then ``routes`` (see
+        ``network.configure``). Everything is validated before anything changes. Not the guest
+        kernel (a test on a host): the network is validated and logged, and left alone.
 
-        Raises ``InvalidArgument`` for a bad hostname, mount point, time or too much entropy,
-        ``FailedPrecondition`` if the kernel refuses the clock, the RNG, the hostname or the mount.
+        Raises ``InvalidArgument`` for a bad hostname, mount point, time, too much entropy or a
+        malformed interface or route, ``FailedPrecondition`` if the kernel refuses the clock, the
+        RNG, the hostname, the mount or a network change, or a NIC never appears.
         """
         if hostname and (len(hostname) > 64 or not all(c.isalnum() or c in "-." for c in hostname)):
             raise InvalidArgument(f"invalid hostname {hostname!r}")
@@ -234,6 +242,7 @@ class Agent:
             )
         if host_time_ns is not None and host_time_ns <= 0:
             raise InvalidArgument(f"host time {host_time_ns} ns is not after the epoch")
+        net = network.parse(interfaces, routes)
         await self._seed_kernel(host_time_ns, entropy)
         if hostname:
             try:
@@ -253,6 +262,27 @@ class Agent:
                 )
             else:
                 log.info("share mounted", tag=share_tag, target=target)
+        if net.interfaces:
+            await self._configure_network(net)
+
+    async def _configure_network(self, net: network.Network) -> None:
+        if not self.config.guest_kernel:
+            log.info(
+                "not the guest kernel: network left alone",
+                interfaces=[i.describe() for i in net.interfaces],
+                routes=[r.describe() for r in net.routes],
+            )
+            return
+        await self.ensure_modules()  # virtio_net
+        start = time.monotonic()
+        done = await network.configure(net, wait=self.config.share_wait)
+        log.info(
+            "network configured",
+            interfaces=list(done.interfaces),
+            routes=list(done.routes),
+            waited_ms=round(done.waited * 1000, 1),
+            ms=round((time.monotonic() - start) * 1000, 1),
+        )
 
     async def _seed_kernel(self, host_time_ns: int | None, entropy: bytes) -> None:
         """The wall clock first (later log lines carry the right time), then the RNG."""

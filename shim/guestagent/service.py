@@ -125,6 +125,8 @@ class AgentService:
             req.share_mount_point,
             host_time_ns=req.host_time.ToNanoseconds() if req.HasField("host_time") else None,
             entropy=req.entropy,
+            interfaces=req.interfaces,
+            routes=req.routes,
         )
         return _EMPTY
 

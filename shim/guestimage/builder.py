@@ -3,7 +3,8 @@
 Layers and their caches (under ``CACHE_ROOT/guest-build``):
   debs/, kernel/    downloaded .debs and the unpacked kernel (per pinned package version)
   <arch>/base-<key> the debootstrap'd base rootfs (``rootfs.base_key``): minutes; rarely rebuilt
-  wheels/           the agent's Python dependencies (protobuf's compiled wheel, per architecture)
+  wheels/           the agent's Python dependencies (protobuf's compiled wheel per architecture,
+                    pyroute2's pure-Python one)
 Final assembly (agent code, init, initramfs, root disk) reruns whenever the build hash changes and
 takes seconds. Installed: ``GUEST_ROOT/<arch>/<hash>/`` and the ``current`` symlink, both replaced
 by rename so a failed build never leaves a half-written ``current``.
@@ -57,8 +58,11 @@ AGENT_SOURCES = (
 #: the pure-python implementation cost ~0.5 s of agent imports under TCG, upb ~0.15 s (measured with
 #: PYTHONPROFILEIMPORTTIME in the guest). It is the abi3 build for CPython >= 3.9 and manylinux2014
 #: (glibc 2.17): bookworm has python3.11 and glibc 2.36. No structlog: shim.log falls back to the
-#: stdlib without it (its import was another ~0.25 s).
-WHEELS = {"protobuf": "6.33.6"}
+#: stdlib without it (its import was another ~0.25 s). pyroute2 (pure Python, no dependencies): the
+#: agent configures the pod's network with it, imported only when CreateSandbox carries interfaces.
+WHEELS = {"protobuf": "6.33.6", "pyroute2": "0.9.7"}
+#: WHEELS that exist only as a pure-Python (py3-none-any) wheel; the others must be the compiled one
+PURE_PYTHON_WHEELS = frozenset({"pyroute2"})
 WHEEL_PLATFORM = "manylinux2014_{machine}"
 GUEST_LIB = "opt/pyvm/lib"
 #: /opt/pyvm/bin/pyvm-init, PID 1 after switch_root: runs guest_init.py (installed as pyvm_init)
@@ -123,12 +127,14 @@ class Inputs:
 
 
 def fetch_wheels(cache: Path, arch: Arch, progress: Progress) -> dict[str, Path]:
-    """The CPython 3.11 ``manylinux2014_<arch>`` wheels of WHEELS, downloaded once into ``cache``."""
+    """The CPython 3.11 ``manylinux2014_<arch>`` wheels of WHEELS (``py3-none-any`` for
+    PURE_PYTHON_WHEELS), downloaded once into ``cache``."""
     cache.mkdir(parents=True, exist_ok=True)
     platform = WHEEL_PLATFORM.format(machine=arch.name)
 
     def present(name: str, version: str) -> list[Path]:
-        return sorted(cache.glob(f"{name}-{version}-*-manylinux*_{arch.name}.whl"))
+        tag = "py3-none-any" if name in PURE_PYTHON_WHEELS else f"*-manylinux*_{arch.name}"
+        return sorted(cache.glob(f"{name}-{version}-{tag}.whl"))
 
     found: dict[str, Path] = {}
     for name, version in WHEELS.items():

@@ -81,16 +81,21 @@ def test_current_is_replaced_atomically_and_old_images_are_pruned(tmp_path: Path
 
 
 def test_the_guest_gets_the_compiled_protobuf_wheel_of_its_arch(tmp_path: Path) -> None:
-    """The pure-python wheel cost ~0.5 s of agent imports under TCG; a cached one must not win."""
+    """The pure-python wheel cost ~0.5 s of agent imports under TCG; a cached one must not win.
+    pyroute2 has only a pure-Python wheel, the same for both arches."""
     version = builder.WHEELS["protobuf"]
+    pyroute2 = f"pyroute2-{builder.WHEELS['pyroute2']}-py3-none-any.whl"
     for name in (
         f"protobuf-{version}-py3-none-any.whl",
         f"protobuf-{version}-cp39-abi3-manylinux2014_x86_64.whl",
         f"protobuf-{version}-cp39-abi3-manylinux2014_aarch64.whl",
+        pyroute2,
     ):
         (tmp_path / name).write_bytes(b"")
     progress = builder.Progress("test")
     for arch in ("x86_64", "aarch64"):
         found = builder.fetch_wheels(tmp_path, ARCHES[arch], progress)  # cached: no download
         assert found["protobuf"].name == f"protobuf-{version}-cp39-abi3-manylinux2014_{arch}.whl"
-    assert set(builder.WHEELS) == {"protobuf"}  # no structlog in the guest (shim.log uses the stdlib)
+        assert found["pyroute2"].name == pyroute2
+    # no structlog in the guest (shim.log uses the stdlib)
+    assert set(builder.WHEELS) == {"protobuf", "pyroute2"}
