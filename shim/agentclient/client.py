@@ -254,8 +254,9 @@ class AgentClient:
             ],
         )
         req.host_time.FromDatetime(host_time)
-        waits = share_tag or interfaces
-        await self._agent("CreateSandbox", req, empty_pb2.Empty, extra=SHARE_WAIT if waits else 0.0)
+        # the agent waits up to SHARE_WAIT for a hot-plugged share, and as long for a hot-plugged NIC
+        waits = bool(share_tag) + bool(interfaces)
+        await self._agent("CreateSandbox", req, empty_pb2.Empty, extra=SHARE_WAIT * waits)
 
     async def destroy_sandbox(self) -> None:
         await self._agent("DestroySandbox", pb.DestroySandboxRequest(), empty_pb2.Empty)

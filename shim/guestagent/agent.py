@@ -168,7 +168,7 @@ class Agent:
 
     async def prepare_template(self, drop_caches: bool = False) -> TemplateReport:
         """Settle the guest before the host saves it as a template: every listed module loaded
-        (and pyvm-init's background loader gone), filesystems synced, the page cache dropped only
+        (and pyvm-init's background loader gone), pyroute2 imported, filesystems synced, the page cache dropped only
         when asked (a warm cache is what makes a restored guest answer at once).
         Idempotent. Module failures are reported, not raised. Raises ``FailedPrecondition`` once
         the share is mounted or a container exists (a template holds neither).
@@ -192,6 +192,7 @@ class Agent:
             except TimeoutError:
                 failures.append(f"module loader (pid {pid}) still running after {LOADER_WAIT:g} s")
         self._modules_ready = True
+        await network.preload()  # what a pod's network needs, already imported in every restore
         dropped = drop_caches and self.config.guest_kernel
         if dropped:
             await asyncio.to_thread(kernel.drop_caches)

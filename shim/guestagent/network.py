@@ -261,6 +261,12 @@ def _import_pyroute2() -> None:
     importlib.import_module("pyroute2")
 
 
+async def preload() -> None:
+    """Import pyroute2 now (PrepareTemplate): a VM restored from the template then has it loaded,
+    instead of paying ~1.6 s (TCG) for the import at its first CreateSandbox with a network."""
+    await asyncio.to_thread(_import_pyroute2)
+
+
 @dataclass
 class _Link:
     index: int

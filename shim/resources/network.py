@@ -18,26 +18,32 @@ in it. Instead, for every interface CNI made there (``eth0``: a veth with the po
 Routes the kernel makes by itself for an address (protocol ``kernel``) are not copied: the guest
 kernel makes them too. IPv6 link-local addresses are left to the guest (same MAC, same address).
 
-pyroute2 is synchronous here and runs its own event loop: call these functions through
-``asyncio.to_thread``.
+Every netlink socket and the tap are made by a thread of their own that first entered the pod's
+namespace (``setns`` moves only the calling thread) and ends there. pyroute2's ``NetNS`` would fork
+a child instead; a SIGTERM that child gets before it exits runs the shim's own SIGTERM handler (it
+shares asyncio's signal wake-up fd) and shut the whole shim down. Call these functions through
+``asyncio.to_thread``: they block.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import struct
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from shim.agentclient import GuestInterface, GuestRoute
 from shim.errors import FailedPrecondition
 from shim.log import get_logger
 
 log = get_logger(__name__)
+logging.getLogger("pyroute2").setLevel(logging.WARNING)  # its debug logs every netlink message
+T = TypeVar("T")
 
 _TUNSETIFF = 0x400454CA
 _IFF_TAP = 0x0002
@@ -93,23 +99,47 @@ def netns_path(spec: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _open_netns(netns: str) -> Any:
-    from pyroute2 import NetNS
-
+def _in_netns(netns: str, what: str, fn: Callable[[], T]) -> T:
+    """``fn()`` in a new thread that entered the network namespace at ``netns``; its result, or its
+    exception as FailedPrecondition (``what`` says what was being done)."""
     if not os.path.exists(netns):
         raise FailedPrecondition(f"the pod's network namespace {netns} does not exist", netns=netns)
-    try:
-        return NetNS(netns)
-    except OSError as exc:
-        raise FailedPrecondition(
-            f"cannot enter the pod's network namespace {netns}: {exc}", netns=netns
-        ) from exc
+    result: list[Any] = []
+
+    def run() -> None:
+        from pyroute2.netns import setns
+
+        try:
+            setns(netns, flags=0)
+            result.append((True, fn()))
+        except BaseException as exc:
+            result.append((False, exc))
+
+    t = threading.Thread(target=run, name="netns")
+    t.start()
+    t.join()
+    ok, value = result[0]
+    if ok:
+        return value  # type: ignore[no-any-return]
+    if isinstance(value, FailedPrecondition):
+        raise value
+    raise FailedPrecondition(f"{what} in {netns}: {value}", netns=netns) from value
+
+
+def _iproute() -> Any:
+    from pyroute2 import IPRoute
+
+    return contextlib.closing(IPRoute())
 
 
 def inspect(netns: str) -> PodNetwork:
     """Read the interfaces (Ethernet, not loopback, not our taps), their addresses and the main
     table's routes from the namespace at ``netns``."""
-    with contextlib.closing(_open_netns(netns)) as ns:
+    return _in_netns(netns, "cannot read the pod's network", lambda: _inspect(netns))
+
+
+def _inspect(netns: str) -> PodNetwork:
+    with _iproute() as ns:
         links = [
             link
             for link in ns.get_links()
@@ -154,61 +184,40 @@ def inspect(netns: str) -> PodNetwork:
     return PodNetwork(netns, interfaces, tuple(routes))
 
 
-def _open_tap(netns: str, name: str) -> int:
-    """Create tap ``name`` in ``netns`` and return its fd. setns() moves only the calling thread,
-    so a thread of its own does it and ends there."""
-    result: list[int | BaseException] = []
-
-    def run() -> None:
-        from pyroute2.netns import setns
-
-        try:
-            setns(netns)
-            fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
-            try:
-                fcntl.ioctl(
-                    fd,
-                    _TUNSETIFF,
-                    struct.pack("16sH22x", name.encode(), _IFF_TAP | _IFF_NO_PI | _IFF_VNET_HDR),
-                )
-            except BaseException:
-                os.close(fd)
-                raise
-            result.append(fd)
-        except BaseException as exc:
-            result.append(exc)
-
-    t = threading.Thread(target=run, name=f"tap-{name}")
-    t.start()
-    t.join()
-    if isinstance(result[0], BaseException):
-        raise FailedPrecondition(
-            f"cannot create tap {name} in {netns}: {result[0]}", netns=netns
-        ) from result[0]
-    return result[0]
+def _open_tap(name: str) -> int:
+    """Create tap ``name`` in the calling thread's network namespace; its fd."""
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(
+            fd, _TUNSETIFF, struct.pack("16sH22x", name.encode(), _IFF_TAP | _IFF_NO_PI | _IFF_VNET_HDR)
+        )
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def attach(net: PodNetwork) -> list[Tap]:
     """A tap per interface of ``net``, each wired both ways to its interface by tc. On failure
     nothing stays behind (the taps are closed, the filters removed)."""
     taps: list[Tap] = []
-    try:
+
+    def wire() -> None:
         for i, iface in enumerate(net.interfaces):
             name = tap_name(i)
-            taps.append(Tap(iface.name, name, iface.mac, _open_tap(net.netns, name)))
-        with contextlib.closing(_open_netns(net.netns)) as ns:
+            taps.append(Tap(iface.name, name, iface.mac, _open_tap(name)))
+        with _iproute() as ns:
             for tap, iface in zip(taps, net.interfaces, strict=True):
                 (veth,) = ns.link_lookup(ifname=iface.name)
                 (tidx,) = ns.link_lookup(ifname=tap.name)
                 ns.link("set", index=tidx, mtu=iface.mtu or 1500, state="up")
                 for src, dst in ((veth, tidx), (tidx, veth)):
                     _redirect(ns, src, dst)
-    except BaseException as exc:
+
+    try:
+        _in_netns(net.netns, "cannot wire the pod's network into the VM", wire)
+    except BaseException:
         detach(net.netns, taps)
-        if isinstance(exc, Exception) and not isinstance(exc, FailedPrecondition):
-            raise FailedPrecondition(
-                f"cannot wire the pod's network into the VM: {exc}", netns=net.netns
-            ) from exc
         raise
     log.info(
         "pod network wired to taps",
@@ -243,13 +252,17 @@ def detach(netns: str, taps: Iterable[Tap]) -> None:
         t.close()
     if not taps or not os.path.exists(netns):
         return
-    try:
-        with contextlib.closing(_open_netns(netns)) as ns:
+
+    def unwire() -> None:
+        with _iproute() as ns:
             for t in taps:
                 for name in (t.interface, t.name):
                     idx = ns.link_lookup(ifname=name)
                     if idx:
                         with contextlib.suppress(Exception):
                             ns.tc("del", "ingress", idx[0])
-    except Exception as exc:
+
+    try:
+        _in_netns(netns, "cannot remove the tc filters of the pod network", unwire)
+    except FailedPrecondition as exc:  # teardown: say it, go on
         log.warning("cannot remove the tc filters of the pod network", netns=netns, error=str(exc))
