@@ -189,7 +189,7 @@ class VmSandbox:
                 await p.stop_io()
         self._containers.clear()
         if self.network is not None:
-            await asyncio.to_thread(network.detach, self.network.netns, self._taps)
+            await network.unwire(self.network.netns, self._taps)
         try:
             await asyncio.to_thread(cleanup_sandbox_share, self.sdir)
         except ShimError as exc:
@@ -252,7 +252,7 @@ class VmSandbox:
                 )
             except BaseException:
                 if self.network is not None:
-                    await asyncio.to_thread(network.detach, self.network.netns, self._taps)
+                    await network.unwire(self.network.netns, self._taps)
                 raise
             finally:
                 for t in self._taps:
@@ -299,9 +299,7 @@ class VmSandbox:
         gets. None: no namespace to carry (a new one or the host's): the VM has loopback only."""
         if netns is None:
             return []
-        net = await asyncio.to_thread(network.inspect, netns)
-        self._taps = await asyncio.to_thread(network.attach, net)
-        self.network = net
+        self.network, self._taps = await network.wire(netns)
         return [TapNic(t.fd, t.mac, i) for i, t in enumerate(self._taps)]
 
     def _set_vm(self, vm: QemuVM) -> None:

@@ -1,9 +1,11 @@
 """The pod network wiring on a real kernel: two network namespaces made by the test play the pod's
 (``eth0``, as CNI leaves it) and the node's (the veth's other end). No VM: the test holds the tap's
-fd the way QEMU would, and reads and writes frames on it."""
+fd the way QEMU would, and reads and writes frames on it. ``wire``/``unwire`` run the real helper
+process (``python -m shim.resources.netlink``), as the shim does."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import secrets
@@ -76,8 +78,9 @@ def test_netns_path_of_a_spec() -> None:
     assert network.netns_path({}) is None
 
 
-def test_inspect_reads_what_cni_left(netns: Netns) -> None:
-    net = network.inspect(netns.pod_path)
+def test_wire_reads_what_cni_left(netns: Netns) -> None:
+    net, taps = asyncio.run(network.wire(netns.pod_path))
+    asyncio.run(network.unwire(netns.pod_path, taps))
     assert net.interfaces == (
         GuestInterface("eth0", "0a:58:0a:4d:00:05", 1450, ("10.77.0.5/24", "fd00:77::5/64")),
     )
@@ -88,9 +91,9 @@ def test_inspect_reads_what_cni_left(netns: Netns) -> None:
     }
 
 
-def test_inspect_of_a_missing_namespace_names_it() -> None:
-    with pytest.raises(FailedPrecondition, match="/run/netns/pyvm-no-such-ns"):
-        network.inspect("/run/netns/pyvm-no-such-ns")
+def test_wire_of_a_missing_namespace_names_it() -> None:
+    with pytest.raises(FailedPrecondition, match="/run/netns/pyvm-no-such-ns does not exist"):
+        asyncio.run(network.wire("/run/netns/pyvm-no-such-ns"))
 
 
 def _read_frame(fd: int, want: bytes, timeout: float = 5.0) -> bytes:
@@ -106,9 +109,8 @@ def _read_frame(fd: int, want: bytes, timeout: float = 5.0) -> bytes:
     raise AssertionError(f"no frame of EtherType {want.hex()} on the tap within {timeout}s")
 
 
-def test_attach_wires_a_tap_both_ways_and_detach_removes_it(netns: Netns) -> None:
-    net = network.inspect(netns.pod_path)
-    taps = network.attach(net)
+def test_wire_makes_a_tap_both_ways_and_unwire_removes_it(netns: Netns) -> None:
+    _, taps = asyncio.run(network.wire(netns.pod_path))
     try:
         assert [(t.interface, t.name, t.mac) for t in taps] == [("eth0", "tap0_pyvm", "0a:58:0a:4d:00:05")]
         tap = json.loads(netns.ip(netns.pod, "-j", "link", "show", "tap0_pyvm"))[0]
@@ -140,16 +142,15 @@ def test_attach_wires_a_tap_both_ways_and_detach_removes_it(netns: Netns) -> Non
             time.sleep(0.05)
         assert rx() > before
     finally:
-        network.detach(netns.pod_path, taps)
+        asyncio.run(network.unwire(netns.pod_path, taps))
     assert taps[0].fd == -1
     assert "tap0_pyvm" not in netns.ip(netns.pod, "-br", "link")  # no fd left: the tap is gone
     assert "ingress" not in netns.tc("qdisc", "show", "dev", "eth0")
-    network.detach(netns.pod_path, taps)  # twice is fine
+    asyncio.run(network.unwire(netns.pod_path, taps))  # twice is fine
 
 
-def test_attach_that_fails_leaves_nothing(netns: Netns) -> None:
-    netns.tc("qdisc", "add", "dev", "eth0", "ingress")  # someone else's: attach cannot add its own
-    net = network.inspect(netns.pod_path)
+def test_wire_that_fails_leaves_nothing(netns: Netns) -> None:
+    netns.tc("qdisc", "add", "dev", "eth0", "ingress")  # someone else's: wire cannot add its own
     with pytest.raises(FailedPrecondition, match="cannot wire the pod's network"):
-        network.attach(net)
+        asyncio.run(network.wire(netns.pod_path))
     assert "tap0_pyvm" not in netns.ip(netns.pod, "-br", "link")
