@@ -262,8 +262,9 @@ def _import_pyroute2() -> None:
 
 
 async def preload() -> None:
-    """Import pyroute2 now (PrepareTemplate): a VM restored from the template then has it loaded,
-    instead of paying ~1.6 s (TCG) for the import at its first CreateSandbox with a network."""
+    """Import pyroute2, in a thread (the agent keeps answering); a no-op once imported.
+    ``configure`` needs it; PrepareTemplate calls it so that a VM restored from the template has it
+    loaded, instead of paying ~1.6 s (TCG) at its first CreateSandbox with a network."""
     await asyncio.to_thread(_import_pyroute2)
 
 
@@ -371,7 +372,7 @@ async def configure(net: Network, *, wait: float, poll: float = POLL) -> Configu
     """
     if not net.interfaces:
         return Configured((), (), 0.0)
-    await asyncio.to_thread(_import_pyroute2)
+    await preload()
     nl = _Netlink()
     try:
         start = time.monotonic()

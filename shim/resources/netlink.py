@@ -17,7 +17,6 @@ moves only the calling thread). pyroute2's ``NetNS`` would fork a child instead.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fcntl
 import json
@@ -212,6 +211,8 @@ def detach(netns: str, pairs: Iterable[tuple[str, str]]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import argparse  # here: the shim imports this module for MAX_INTERFACES only
+
     p = argparse.ArgumentParser(prog="python -m shim.resources.netlink")
     sub = p.add_subparsers(dest="cmd", required=True)
     w = sub.add_parser("wire")

@@ -36,12 +36,12 @@ from typing import Any
 from shim.agentclient import GuestInterface, GuestRoute
 from shim.errors import FailedPrecondition
 from shim.log import get_logger
+from shim.resources.netlink import MAX_INTERFACES
 
 log = get_logger(__name__)
 
 #: how long the helper may take (it reads a few netlink dumps and adds four tc objects per interface)
 HELPER_TIMEOUT_S = 30.0
-_MAX_FDS = 8  # netlink.MAX_INTERFACES, without importing the helper's module
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ async def wire(netns: str) -> tuple[PodNetwork, list[Tap]]:
         finally:
             child.close()
         parent.setblocking(False)
-        msg, fds, _, _ = socket.recv_fds(parent, 1 << 20, _MAX_FDS)
+        msg, fds, _, _ = socket.recv_fds(parent, 1 << 20, MAX_INTERFACES)
     data = json.loads(msg)
     interfaces = tuple(
         GuestInterface(i["name"], i["mac"], i["mtu"], tuple(i["addresses"])) for i in data["interfaces"]

@@ -253,6 +253,7 @@ class VmSandbox:
             except BaseException:
                 if self.network is not None:
                     await network.unwire(self.network.netns, self._taps)
+                    self.network = None  # unwired: shutdown has nothing left to undo
                 raise
             finally:
                 for t in self._taps:
