@@ -197,10 +197,17 @@ def test_exec_pause_resume_metrics_kill(vm_env: Env) -> None:
 
         # SIGTERM -> 143, on an exec (the init is pid 1 of its namespace: it ignores SIGTERM)
         sleeper = c.ctr_popen("task", "exec", "--exec-id", "e3", "lr", "sleep", "1000")
+        # kill only once `sleep 1000` runs: a kill between ctr's Exec and Start stops the exec
+        # before it starts, and ctr 1.6 then waits on its output forever (seen once in CI)
         deadline = time.monotonic() + 60
-        while (k := c.ctr("task", "kill", "--exec-id", "e3", "lr")).returncode != 0:
-            assert time.monotonic() < deadline, k.stderr  # NotFound until the exec was added
+        for n in range(1000):
+            ps = c.ctr("task", "exec", "--exec-id", f"ps{n}", "lr", "ps", "-o", "args")
+            if "sleep 1000" in ps.stdout:
+                break
+            assert time.monotonic() < deadline, (ps.stdout, ps.stderr)
             time.sleep(0.5)
+        k = c.ctr("task", "kill", "--exec-id", "e3", "lr")
+        assert k.returncode == 0, k.stderr
         sleeper.communicate(timeout=RUN_TIMEOUT)
         assert sleeper.returncode == 143
 
