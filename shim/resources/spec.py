@@ -9,11 +9,12 @@ its guest counterpart or dropped:
 - bind mounts -> their guest paths in the share (from :mod:`shim.resources.storage`); bind mounts that
   could not be shared (sockets, devices) are dropped; proc/sysfs/tmpfs/devpts/mqueue/cgroup mounts kept;
 - namespaces: the network namespace entry is dropped for CRI containers and whenever it names a host
-  path, so containers join the VM's network (which carries the pod's network); other entries keep their
-  type but lose any ``path`` (a host path means nothing in the guest). **In this version pid/ipc/uts
-  sharing with the pod sandbox is per container**: a CRI app container gets its own ipc/uts/pid
-  namespaces instead of joining the pause container's (the guest agent could map them to the guest
-  pause container's namespaces later);
+  path, so containers join the VM's network (which carries the pod's network). A CRI app container's
+  ipc, uts and pid entries that name the sandbox task's namespaces (``/proc/<sandbox pid>/ns/<x>``,
+  where the sandbox pid is the one this shim reported: QEMU's) are pointed at the guest pause
+  container's (``/proc/<its guest pid>/ns/<x>``, ``PodNamespaces``), so the pod's containers share IPC,
+  hostname and, with ``shareProcessNamespace``, processes, as under runc. Any other ``path`` is
+  dropped: a host path means nothing in the guest, and the container gets a new namespace there;
 - ``linux.cgroupsPath`` -> ``/pyvm/<sandbox-id>/<cid>`` (cgroupfs style, also when CRI sent systemd
   ``slice:prefix:name``); ``linux.resources`` kept (the guest agent applies it);
 - ``process.apparmorProfile``, ``process.selinuxLabel``, ``linux.mountLabel`` and ``hooks`` are dropped
@@ -43,6 +44,27 @@ CONTAINER_TYPE_ANNOTATION = "io.kubernetes.cri.container-type"
 GUEST_CGROUP_ROOT = "/pyvm"
 #: the newest runtime-spec version the guest's crun (Debian 12: 1.8.1) accepts in ``ociVersion``
 GUEST_MAX_OCI_VERSION = (1, 1)
+
+
+#: namespaces a pod's containers may share with its sandbox, and their ``/proc/<pid>/ns/`` file names
+POD_SHARED_NAMESPACES = {"ipc": "ipc", "uts": "uts", "pid": "pid"}
+
+
+@dataclass(frozen=True)
+class PodNamespaces:
+    """The pod sandbox's init as containerd sees it (``host_pid``, from the shim) and in the guest."""
+
+    host_pid: int
+    guest_pid: int
+
+    def guest_path(self, kind: str, host_path: str) -> str | None:
+        """The guest's ``/proc/<pid>/ns/<x>`` for a host path naming the sandbox's namespace, else None."""
+        name = POD_SHARED_NAMESPACES.get(kind)
+        if name is None or self.host_pid <= 0 or self.guest_pid <= 0:
+            return None
+        if host_path.rstrip("/") != f"/proc/{self.host_pid}/ns/{name}":
+            return None
+        return f"/proc/{self.guest_pid}/ns/{name}"
 
 
 @dataclass(frozen=True)
@@ -81,11 +103,13 @@ def rewrite_spec(
     sandbox_id: str,
     guest_mounts: Mapping[str, str],
     guest_share_dir: str = GUEST_SHARE_DIR,
+    pod: PodNamespaces | None = None,
 ) -> GuestSpec:
     """Return the guest's copy of ``spec`` and the list of adjustments made (``spec`` is not changed).
 
     ``guest_mounts`` maps a bind mount's spec destination to its guest source path
-    (``SharedMounts.guest_paths``); bind mounts missing from it are dropped and reported.
+    (``SharedMounts.guest_paths``); bind mounts missing from it are dropped and reported. ``pod``: the
+    running sandbox container of this pod, whose ipc/uts/pid namespaces a CRI app container joins.
     :raises InvalidArgument: when the spec is not a JSON object with a ``root`` or the ids are invalid.
     """
     validate_id(container_id, kind="container id")
@@ -131,7 +155,11 @@ def rewrite_spec(
                     f"dropped network namespace {path or '(new)'}: the container uses the VM's network"
                 )
                 continue
-            if path:
+            guest_path = pod.guest_path(kind, path) if path and pod is not None and cri else None
+            if guest_path is not None:
+                adj.append(f"{kind} namespace: the pod sandbox's {path!r} -> {guest_path!r} in the guest")
+                ns = {**ns, "path": guest_path}
+            elif path:
                 adj.append(
                     f"{kind} namespace: dropped host path {path!r}; a new {kind} namespace in the guest"
                 )

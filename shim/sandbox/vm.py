@@ -52,7 +52,7 @@ from shim.platform import accel
 from shim.resources import memory as mem_policy
 from shim.resources import network
 from shim.resources.annotations import cri_sandbox_vcpus, parse_pod_annotations
-from shim.resources.spec import rewrite_spec
+from shim.resources.spec import PodNamespaces, rewrite_spec
 from shim.resources.storage import RootfsMount, SandboxStorage, cleanup_sandbox_share
 from shim.sandbox.hostio import HostIO, open_host_io
 from shim.sandbox.metrics_source import HotplugObserver, TimedTtrpc, VmMetricsSource
@@ -108,6 +108,7 @@ class _Container:
     id: str
     bundle: str
     memory_limit: int = 0
+    guest_pid: int = 0  # its init in the guest (the pause process, for the pod sandbox container)
     procs: dict[str, _Proc] = field(default_factory=dict)
 
 
@@ -453,8 +454,13 @@ class VmSandbox:
             mounted = True
             shared = await asyncio.to_thread(self.storage.share_mounts, cid, spec.get("mounts") or [])
             guest = rewrite_spec(
-                spec, container_id=cid, sandbox_id=self.sandbox_id, guest_mounts=shared.guest_paths
+                spec,
+                container_id=cid,
+                sandbox_id=self.sandbox_id,
+                guest_mounts=shared.guest_paths,
+                pod=self._pod_namespaces(cid),
             )
+            log.debug("spec rewritten for the guest", container_id=cid, adjustments=guest.adjustments)
             terminal = bool((spec.get("process") or {}).get("terminal"))
             stdio = Stdio(request.stdio.stdin, request.stdio.stdout, request.stdio.stderr, terminal)
             io = await open_host_io(stdio, container_id=cid, namespace=self.namespace)
@@ -462,6 +468,7 @@ class VmSandbox:
                 plan = self._plan(self._limits((cid, limit)))
                 await self._apply_memory(plan)
                 pid = await self._guarded(agent.create_container(cid, guest.spec, _agent_stdio(stdio, io)))
+                c.guest_pid = pid
                 self._containers[cid] = c
             p = _Proc(cid, "", stdio, io)
             c.procs[""] = p
@@ -475,6 +482,13 @@ class VmSandbox:
             raise
         log.info("container created in the VM", container_id=cid, guest_pid=pid, memory_limit=limit)
         return self.pid
+
+    def _pod_namespaces(self, container_id: str) -> PodNamespaces | None:
+        """The sandbox container whose ipc/uts/pid namespaces ``container_id`` may join, if it runs here."""
+        sandbox = self._containers.get(self.sandbox_id)
+        if container_id == self.sandbox_id or sandbox is None or not sandbox.guest_pid:
+            return None
+        return PodNamespaces(host_pid=self.pid, guest_pid=sandbox.guest_pid)
 
     async def start(self, container_id: str, exec_id: str) -> int:
         _, p = self._proc(container_id, exec_id)

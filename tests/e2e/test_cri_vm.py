@@ -95,15 +95,45 @@ def _wait_mem(h: CriContainerd, cid: str, pred, what: str) -> tuple[int, float]:
     return last[0], time.monotonic() - t0
 
 
-def _pod_with_two_containers(h: CriContainerd, name: str) -> tuple[str, str, str, float]:
+def _pod_with_two_containers(
+    h: CriContainerd, name: str, share_pid: bool = False
+) -> tuple[str, str, str, float]:
     t0 = time.monotonic()
-    pod, pod_cfg = h.run_pod(name, runtime_handler="pyvm")
+    pod, pod_cfg = h.run_pod(name, runtime_handler="pyvm", share_pid=share_pid)
     boot = time.monotonic() - t0
-    c1 = h.client.create_and_start(
-        pod, h.container_config("c1", ["sleep", "3600"], memory_limit=256 * MiB), pod_cfg
-    )
-    c2 = h.client.create_and_start(pod, h.container_config("c2", ["sleep", "3600"]), pod_cfg)
+    c1_cfg = h.container_config("c1", ["sleep", "3600"], memory_limit=256 * MiB, share_pid=share_pid)
+    c1 = h.client.create_and_start(pod, c1_cfg, pod_cfg)
+    c2_cfg = h.container_config("c2", ["sleep", "3601"], share_pid=share_pid)
+    c2 = h.client.create_and_start(pod, c2_cfg, pod_cfg)
     return pod, c1, c2, boot
+
+
+def _out(h: CriContainerd, cid: str, *argv: str) -> str:
+    res = h.client.exec_sync(cid, list(argv))
+    assert res.exit_code == 0, (argv, res)
+    return res.stdout.decode().strip()
+
+
+def _check_pod_namespaces(h: CriContainerd, pod_name: str, c1: str, c2: str, share_pid: bool) -> None:
+    """As under runc: the pod's containers have the pod's hostname and share its IPC and UTS
+    namespaces (the pause container's, in the guest); PID only with shareProcessNamespace."""
+    for cid in (c1, c2):
+        assert _out(h, cid, "hostname") == pod_name
+    ns = {
+        cid: {k: _out(h, cid, "readlink", f"/proc/self/ns/{k}") for k in ("ipc", "uts", "pid")}
+        for cid in (c1, c2)
+    }
+    assert ns[c1]["ipc"] == ns[c2]["ipc"] and ns[c1]["uts"] == ns[c2]["uts"], ns
+    # pid 1 of a shared pid namespace is the pod's pause process; otherwise each container's own
+    init = {cid: _out(h, cid, "cat", "/proc/1/cmdline").replace("\x00", " ").strip() for cid in (c1, c2)}
+    if share_pid:
+        assert ns[c1]["pid"] == ns[c2]["pid"], ns
+        assert init[c1] == init[c2] and "sleep 86400" in init[c1], init  # the test pause image's loop
+        assert "sleep 3600" in _out(h, c2, "ps", "-o", "args"), "c2 must see c1's processes"
+    else:
+        assert ns[c1]["pid"] != ns[c2]["pid"], ns
+        assert init == {c1: "sleep 3600", c2: "sleep 3601"}, init
+        assert "sleep 3600" not in _out(h, c2, "ps", "-o", "args"), "c2 must not see c1's processes"
 
 
 def _remove_pod_and_check_clean(h: CriContainerd, run_root: Path, pod: str) -> None:
@@ -129,8 +159,9 @@ def test_pod_is_one_vm_and_memory_follows_updates(cri_pyvm: tuple[CriContainerd,
 
     h, run_root = cri_pyvm
     client = h.client
-    pod, c1, c2, boot = _pod_with_two_containers(h, "vm-pod")
+    pod, c1, c2, boot = _pod_with_two_containers(h, "vm-pod", share_pid=True)
     print(f"\nRunPodSandbox (VM boot) {boot:.1f}s")
+    _check_pod_namespaces(h, "vm-pod", c1, c2, share_pid=True)
     states = {c.id: c.state for c in client.list_containers(pod)}
     assert states == {c1: cri.CONTAINER_RUNNING, c2: cri.CONTAINER_RUNNING}
 
@@ -191,8 +222,9 @@ def test_pod_is_one_vm_and_memory_follows_updates(cri_pyvm: tuple[CriContainerd,
 def test_pc_dimm_grow_and_shrink(cri_pyvm: tuple[CriContainerd, Path]) -> None:
     h, run_root = cri_pyvm
     client = h.client
-    pod, c1, _c2, boot = _pod_with_two_containers(h, "dimm-pod")
+    pod, c1, c2, boot = _pod_with_two_containers(h, "dimm-pod")
     print(f"\nRunPodSandbox (VM boot) {boot:.1f}s")
+    _check_pod_namespaces(h, "dimm-pod", c1, c2, share_pid=False)
     before = _mem_total(h, c1)
     client.update_container_resources(c1, linux_resources(memory_limit=256 * MiB + GiB))
     grown, t_grow = _wait_mem(h, c1, lambda m: m >= before + GiB, "MemTotal to grow by 1 GiB (pc-dimm)")

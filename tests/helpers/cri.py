@@ -235,6 +235,11 @@ class CriClient:
         return list(self.images.ListImages(cri.ListImagesRequest(), timeout=self._t(timeout)).images)
 
 
+def _namespace_options(share_pid: bool) -> cri.NamespaceOption:
+    """kubelet's: network and IPC per pod; PID per container, or per pod for shareProcessNamespace."""
+    return cri.NamespaceOption(network=cri.POD, pid=cri.POD if share_pid else cri.CONTAINER, ipc=cri.POD)
+
+
 def linux_resources(
     *,
     memory_limit: int = 0,
@@ -522,13 +527,15 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         labels: dict[str, str] | None = None,
         annotations: dict[str, str] | None = None,
         hostname: str | None = None,
+        share_pid: bool = False,
     ) -> cri.PodSandboxConfig:
         """A PodSandboxConfig like kubelet's (cgroupfs driver): metadata, log dir, cgroup parent,
-        namespace options (network/ipc per pod, pid per container), runtime/default seccomp off."""
+        namespace options (network/ipc per pod, pid per container unless ``share_pid``: a pod with
+        ``shareProcessNamespace``), runtime/default seccomp off."""
         uid = uid or str(uuid.uuid4())
         log_dir = self.pod_logs / f"{namespace}_{name}_{uid}"
         log_dir.mkdir(parents=True, exist_ok=True)
-        ns_opts = cri.NamespaceOption(network=cri.POD, pid=cri.CONTAINER, ipc=cri.POD)
+        ns_opts = _namespace_options(share_pid)
         cfg = cri.PodSandboxConfig(
             metadata=cri.PodSandboxMetadata(name=name, uid=uid, namespace=namespace, attempt=attempt),
             hostname=hostname or name,
@@ -559,9 +566,11 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         mounts: Sequence[cri.Mount] = (),
         annotations: dict[str, str] | None = None,
         attempt: int = 0,
+        share_pid: bool = False,
     ) -> cri.ContainerConfig:
-        """A ContainerConfig like kubelet's: image, command/args, log path, resources, namespaces."""
-        ns_opts = cri.NamespaceOption(network=cri.POD, pid=cri.CONTAINER, ipc=cri.POD)
+        """A ContainerConfig like kubelet's: image, command/args, log path, resources, namespaces
+        (``share_pid``: the pod's pid namespace, as kubelet asks for ``shareProcessNamespace``)."""
+        ns_opts = _namespace_options(share_pid)
         return cri.ContainerConfig(
             metadata=cri.ContainerMetadata(name=name, attempt=attempt),
             image=cri.ImageSpec(image=image),
@@ -650,6 +659,13 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                 self.client.remove_pod_sandbox(p.id, timeout=120)
             except grpc.RpcError as exc:
                 log.warning("removing pod %s failed: %s", p.id, exc)
+        # a removed pod's shim still cleans up (VM, mounts) before it exits: killing it later as a
+        # leftover would leave what it had not removed yet
+        deadline = time.monotonic() + 30
+        while {pid for pid, _ in _procs_mentioning(str(self.socket))} - {self.proc.pid}:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
 
     def _shim_sockets(self) -> list[Path]:
         socks = []

@@ -13,7 +13,7 @@ import pytest
 
 from shim.errors import InvalidArgument
 from shim.paths import GUEST_SHARE_DIR
-from shim.resources.spec import guest_cgroups_path, is_cri, rewrite_spec
+from shim.resources.spec import PodNamespaces, guest_cgroups_path, is_cri, rewrite_spec
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "cri"
 SB = "sb1"
@@ -94,7 +94,8 @@ def test_cri_container_spec() -> None:
     guest = {m["destination"]: f"/g/{i}" for i, m in enumerate(binds)}
     res = rewrite_spec(spec, container_id=cid, sandbox_id=sid, guest_mounts=guest)
     out = res.spec
-    # pause container's /proc/<pid>/ns/{ipc,uts} dropped to new namespaces; network entry gone
+    # without a running sandbox container to join, the pause container's /proc/<pid>/ns/{ipc,uts}
+    # become new namespaces; the network entry is gone either way
     assert out["linux"]["namespaces"] == [
         {"type": "pid"},
         {"type": "ipc"},
@@ -112,6 +113,64 @@ def test_cri_container_spec() -> None:
     kept = [m["type"] for m in out["mounts"] if m["type"] != "bind"]
     assert kept == ["proc", "tmpfs", "devpts", "mqueue", "sysfs", "cgroup"]
     assert out["annotations"] == spec["annotations"]
+
+
+def _host_pause_pid(spec: dict) -> int:
+    """The sandbox pid containerd wrote into the recorded spec's namespace paths."""
+    path = next(ns["path"] for ns in spec["linux"]["namespaces"] if ns["type"] == "ipc")
+    return int(path.split("/")[2])
+
+
+def test_cri_container_joins_the_guest_pause_containers_ipc_and_uts() -> None:
+    spec = _load("container-spec.json")
+    pod = PodNamespaces(host_pid=_host_pause_pid(spec), guest_pid=57)
+    res = rewrite_spec(spec, container_id="ct1", sandbox_id=SB, guest_mounts={}, pod=pod)
+    assert res.spec["linux"]["namespaces"] == [
+        {"type": "pid"},
+        {"type": "ipc", "path": "/proc/57/ns/ipc"},
+        {"type": "uts", "path": "/proc/57/ns/uts"},
+        {"type": "mount"},
+    ]
+    assert any(f"'/proc/{pod.host_pid}/ns/uts' -> '/proc/57/ns/uts'" in a for a in res.adjustments)
+
+
+def test_shared_process_namespace_joins_the_guest_pause_containers_pid_namespace() -> None:
+    # shareProcessNamespace: CRI's pid NamespaceMode POD puts the sandbox's pid namespace in the spec
+    spec = _load("container-spec.json")
+    host_pid = _host_pause_pid(spec)
+    spec["linux"]["namespaces"][0] = {"type": "pid", "path": f"/proc/{host_pid}/ns/pid"}
+    pod = PodNamespaces(host_pid=host_pid, guest_pid=9)
+    out = rewrite_spec(spec, container_id="ct1", sandbox_id=SB, guest_mounts={}, pod=pod).spec
+    assert out["linux"]["namespaces"][0] == {"type": "pid", "path": "/proc/9/ns/pid"}
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/proc/1/ns/ipc",
+        "/proc/{pid}/ns/uts",
+        "/proc/{pid}0/ns/ipc",
+        "/var/run/ipcns/x",
+        "/proc/{pid}/ns/ipc/..",
+    ],
+)
+def test_a_namespace_path_that_is_not_the_sandboxs_own_is_not_mapped(path: str) -> None:
+    # another process's namespace (the host's, a target container's), or the sandbox's of another
+    # kind, means nothing in the guest: a new namespace, as before
+    spec = _load("container-spec.json")
+    host_pid = _host_pause_pid(spec)
+    spec["linux"]["namespaces"] = [{"type": "ipc", "path": path.format(pid=host_pid)}]
+    pod = PodNamespaces(host_pid=host_pid, guest_pid=57)
+    out = rewrite_spec(spec, container_id="ct1", sandbox_id=SB, guest_mounts={}, pod=pod).spec
+    assert out["linux"]["namespaces"] == [{"type": "ipc"}]
+
+
+def test_only_cri_containers_join_the_pod(ctr_spec: dict) -> None:
+    spec = copy.deepcopy(ctr_spec)
+    spec["linux"]["namespaces"] = [{"type": "ipc", "path": "/proc/77/ns/ipc"}]
+    pod = PodNamespaces(host_pid=77, guest_pid=5)
+    out = rewrite_spec(spec, container_id="c2", sandbox_id="c1", guest_mounts={}, pod=pod).spec
+    assert out["linux"]["namespaces"] == [{"type": "ipc"}]
 
 
 def test_unshared_bind_mount_is_dropped_and_reported() -> None:
