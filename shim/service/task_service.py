@@ -192,12 +192,24 @@ class TaskService:
         log.info("process exited", container_id=c.id, exec_id=p.exec_id or None, exit_status=exit.status)
 
     async def kill(self, container_id: str, exec_id: str, signal: int, all: bool) -> None:
-        """Signal a process. A created-but-never-started process that gets a terminating signal is
+        """Signal a process. A created-but-never-started task (init) that gets a terminating signal is
         STOPPED with status 128+signal and its Wait released (containerd's force-delete needs it).
+        An exec that is not started is refused, as runc's shim does ("process not created"): its
+        client is between Exec and Start, and a Start that then failed would make containerd's client
+        wait for output from a process that never ran (``ctr task exec`` hung forever).
 
         :raises NotFound: unknown task/exec, or the process already finished.
+        :raises FailedPrecondition: the exec is not started yet.
         """
         c, p = self._process(container_id, exec_id)
+        if exec_id and p.state is ProcessState.CREATED:
+            async with p.lock:  # a Start in progress: signal what it started
+                if p.state is ProcessState.CREATED:
+                    raise FailedPrecondition(
+                        f"exec {exec_id} of task {container_id} is not started: no process to signal yet",
+                        container_id=container_id,
+                        exec_id=exec_id,
+                    )
         if p.state is ProcessState.CREATED:
             async with p.lock:
                 if p.state is ProcessState.CREATED:

@@ -213,6 +213,48 @@ async def test_exec_lifecycle_and_events(
     assert isinstance(exit_ev, ev.TaskExit) and exit_ev.id == "e1" and exit_ev.container_id == "c1"
 
 
+async def test_kill_of_an_exec_that_is_not_started_is_refused_and_changes_nothing(
+    service: TaskService, backend: FakeBackend, sink: ev.RecordingSink, bundle: str
+) -> None:
+    # as runc's shim ("process not created"); accepting it made ctr's failed Start wait forever
+    # for output from an exec that never ran
+    await service.create(req(bundle))
+    await service.start("c1", "")
+    await service.exec(ExecRequest("c1", "e1", Stdio(stdout="/tmp/e1-out"), {"args": ["sleep", "9"]}))
+    with pytest.raises(FailedPrecondition, match="exec e1 of task c1 is not started"):
+        await service.kill("c1", "e1", signal.SIGTERM, False)
+    assert service.state("c1", "e1").status == "created"
+    assert ("kill", "c1", "e1") not in backend.calls
+    await service.start("c1", "e1")
+    await service.kill("c1", "e1", signal.SIGTERM, False)
+    assert (await asyncio.wait_for(service.wait("c1", "e1"), 1)).status == 143
+    assert kinds(sink)[-3:] == ["TaskExecAdded", "TaskExecStarted", "TaskExit"]
+
+
+async def test_kill_during_an_execs_start_signals_the_started_process(
+    service: TaskService, backend: FakeBackend, bundle: str
+) -> None:
+    await service.create(req(bundle))
+    await service.start("c1", "")
+    await service.exec(ExecRequest("c1", "e1", Stdio(), {"args": ["sleep", "9"]}))
+    gate = asyncio.Event()
+    real_start = backend.start
+
+    async def slow_start(container_id: str, exec_id: str) -> int:
+        await gate.wait()
+        return await real_start(container_id, exec_id)
+
+    backend.start = slow_start  # type: ignore[method-assign]
+    starting = asyncio.create_task(service.start("c1", "e1"))
+    await settle()
+    killing = asyncio.create_task(service.kill("c1", "e1", signal.SIGKILL, False))
+    await settle()
+    assert not killing.done(), "the kill waits for the Start in progress"
+    gate.set()
+    await asyncio.wait_for(asyncio.gather(starting, killing), 1)
+    assert (await asyncio.wait_for(service.wait("c1", "e1"), 1)).status == 137
+
+
 async def test_init_exit_ends_execs_and_exec_exit_precedes_nothing_wrong(
     service: TaskService, backend: FakeBackend, bundle: str
 ) -> None:
