@@ -27,12 +27,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.containerd import short_base_dir
-from tests.helpers.cri import NETNS_DIR, CriContainerd, missing_prerequisites
+from tests.helpers.cri import NETNS_DIR, CriContainerd
 from tests.helpers.pyvm_vm import (
     VENV_BIN,
+    cri_vm_dirs,
     pyvm_cri,
-    vm_skip_reason,
     wait_clean,
     wait_for,
 )
@@ -45,13 +44,7 @@ PORT = 8080
 
 @pytest.fixture
 def cri_net() -> Iterator[tuple[CriContainerd, Path]]:
-    missing = missing_prerequisites()
-    reason = vm_skip_reason()
-    if missing or reason:
-        pytest.skip(f"needs: {', '.join(missing) or reason}")
-    base = short_base_dir("pn")
-    run_root = base / "r"
-    run_root.mkdir()
+    base, run_root = cri_vm_dirs("pn")
     cfg = base / "pyvm.toml"
     cfg.write_text(
         f'[runtime]\nenable_annotations = ["default_memory"]\n[factory]\ntemplate_path = "{base / "t"}"\n'

@@ -22,15 +22,14 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tests.helpers.containerd import short_base_dir
-from tests.helpers.cri import CriContainerd, linux_resources, missing_prerequisites
+from tests.helpers.cri import CriContainerd, linux_resources
 from tests.helpers.pyvm_vm import (
+    cri_vm_dirs,
     host_boot_id,
     meminfo_kib,
     pyvm_cri,
     qemu_pids,
-    sandbox_leftovers,
-    vm_skip_reason,
+    remove_pod_and_check_clean,
     wait_for,
     write_config,
 )
@@ -48,13 +47,7 @@ RESIZE_TIMEOUT = 90.0
 @pytest.fixture
 def cri_pyvm(request: pytest.FixtureRequest) -> Iterator[tuple[CriContainerd, Path]]:
     """A CRI containerd whose ``pyvm`` runtime uses the memory mechanism ``request.param``."""
-    missing = missing_prerequisites()
-    reason = vm_skip_reason()
-    if missing or reason:
-        pytest.skip(f"needs: {', '.join(missing) or reason}")
-    base = short_base_dir("pv")
-    run_root = base / "r"
-    run_root.mkdir()
+    base, run_root = cri_vm_dirs("pv")
     cfg = write_config(
         base / "pyvm.toml",
         default_memory=DEFAULT_MEMORY_MIB,
@@ -136,23 +129,6 @@ def _check_pod_namespaces(h: CriContainerd, pod_name: str, c1: str, c2: str, sha
         assert "sleep 3600" not in _out(h, c2, "ps", "-o", "args"), "c2 must not see c1's processes"
 
 
-def _remove_pod_and_check_clean(h: CriContainerd, run_root: Path, pod: str) -> None:
-    bundles = [h.state / "io.containerd.runtime.v2.task" / "k8s.io" / pod]
-    h.client.stop_pod_sandbox(pod)
-    h.client.remove_pod_sandbox(pod)
-    assert h.client.list_pod_sandbox() == []
-    deadline = time.monotonic() + 30
-    while True:
-        left = sandbox_leftovers(
-            run_root, pod, containerd_address=str(h.socket), namespace="k8s.io", bundles=bundles
-        )
-        if not left or time.monotonic() > deadline:
-            break
-        time.sleep(0.3)
-    assert left == [], left
-    assert not list((run_root / "sbs").iterdir()) if (run_root / "sbs").exists() else True
-
-
 @pytest.mark.parametrize("cri_pyvm", ["virtio-mem"], indirect=True)
 def test_pod_is_one_vm_and_memory_follows_updates(cri_pyvm: tuple[CriContainerd, Path]) -> None:
     from cri_api.v1 import api_pb2 as cri
@@ -215,7 +191,7 @@ def test_pod_is_one_vm_and_memory_follows_updates(cri_pyvm: tuple[CriContainerd,
     assert client.exec_sync(c2, ["echo", "alive"]).stdout == b"alive\n"
     assert len(qemu_pids(run_root, pod)) == 1
 
-    _remove_pod_and_check_clean(h, run_root, pod)
+    remove_pod_and_check_clean(h, run_root, pod)
 
 
 @pytest.mark.parametrize("cri_pyvm", ["acpi"], indirect=True)
@@ -236,4 +212,4 @@ def test_pc_dimm_grow_and_shrink(cri_pyvm: tuple[CriContainerd, Path]) -> None:
     shrunk, t_shrink = _wait_mem(h, c1, lambda m: m <= grown - GiB, "MemTotal to shrink by 1 GiB (pc-dimm)")
     print(f"pc-dimm shrink: MemTotal {grown // MiB} -> {shrunk // MiB} MiB in {t_shrink:.1f}s")
 
-    _remove_pod_and_check_clean(h, run_root, pod)
+    remove_pod_and_check_clean(h, run_root, pod)

@@ -310,6 +310,42 @@ def remove_leftovers(base: Path, run_root: Path) -> list[str]:
     return left
 
 
+def cri_vm_dirs(prefix: str) -> tuple[Path, Path]:
+    """Skip the calling test unless a CRI containerd and pyvm VMs can run here; else a fresh short
+    base directory and its run root (``base / "r"``), for a configuration and :func:`pyvm_cri`."""
+    import pytest
+
+    from tests.helpers.cri import missing_prerequisites
+
+    missing = missing_prerequisites()
+    reason = vm_skip_reason()
+    if missing or reason:
+        pytest.skip(f"needs: {', '.join(missing) or reason}")
+    base = short_base_dir(prefix)
+    run_root = base / "r"
+    run_root.mkdir()
+    return base, run_root
+
+
+def remove_pod_and_check_clean(h: CriContainerd, run_root: Path, pod: str) -> None:
+    """StopPodSandbox + RemovePodSandbox as kubelet does; then nothing of the pod may be left (its
+    shim cleans up after it answered, so this polls for up to 30 s)."""
+    bundles = [h.state / "io.containerd.runtime.v2.task" / "k8s.io" / pod]
+    h.client.stop_pod_sandbox(pod)
+    h.client.remove_pod_sandbox(pod)
+    assert h.client.list_pod_sandbox() == []
+    deadline = time.monotonic() + 30
+    while True:
+        left = sandbox_leftovers(
+            run_root, pod, containerd_address=str(h.socket), namespace="k8s.io", bundles=bundles
+        )
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert left == [], left
+    assert not list((run_root / "sbs").iterdir()) if (run_root / "sbs").exists() else True
+
+
 @contextlib.contextmanager
 def pyvm_cri(base: Path, config: Path, run_root: Path) -> Iterator[CriContainerd]:
     """A started CRI containerd (``tests.helpers.cri``) whose ``pyvm`` runtime uses ``config`` and
