@@ -82,6 +82,19 @@ def guest_cgroups_path(sandbox_id: str, container_id: str) -> str:
     return f"{GUEST_CGROUP_ROOT}/{sandbox_id}/{container_id}"
 
 
+def guest_hostname(spec: Mapping[str, Any], host_hostname: str) -> str:
+    """The VM's own hostname, set when the pod's first container boots it: the spec's ``hostname``
+    (CRI's pod hostname, ``ctr run --hostname``), else the host's. Under runc a container with a new
+    UTS namespace and no hostname, or with none of its own (a host-network pod), shows the host's;
+    in the guest it shows the VM's. "" (keep the guest's) when the name is not one the guest accepts
+    (at most 64 letters, digits, '-' and '.')."""
+    name = spec.get("hostname") or host_hostname
+    if not isinstance(name, str) or len(name) > 64 or not all(c.isalnum() or c in "-." for c in name):
+        log.warning("hostname not usable in the guest; the VM keeps its own", hostname=name)
+        return ""
+    return name
+
+
 def _is_bind(mount: Mapping[str, Any]) -> bool:
     opts = mount.get("options") or ()
     return mount.get("type") == "bind" or "bind" in opts or "rbind" in opts

@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import json
 import os
+import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -52,7 +53,7 @@ from shim.platform import accel
 from shim.resources import memory as mem_policy
 from shim.resources import network
 from shim.resources.annotations import cri_sandbox_vcpus, parse_pod_annotations
-from shim.resources.spec import PodNamespaces, rewrite_spec
+from shim.resources.spec import PodNamespaces, guest_hostname, rewrite_spec
 from shim.resources.storage import RootfsMount, SandboxStorage, cleanup_sandbox_share
 from shim.sandbox.hostio import HostIO, open_host_io
 from shim.sandbox.metrics_source import HotplugObserver, TimedTtrpc, VmMetricsSource
@@ -199,10 +200,15 @@ class VmSandbox:
     # -- boot -------------------------------------------------------------------------------------------
 
     async def _ensure_vm(
-        self, config_path: str, annotations: Mapping[str, str], netns: str | None = None
+        self,
+        config_path: str,
+        annotations: Mapping[str, str],
+        netns: str | None = None,
+        hostname: str = "",
     ) -> AgentClient:
         """Boot the sandbox's VM once; later calls return its agent. ``netns``: the pod's network
         namespace (CRI's, from the first container's spec): its interfaces become the VM's NICs.
+        ``hostname``: the VM's own ("" keeps the guest's).
 
         :raises InvalidArgument: an ``io.pyvm.*`` annotation is unknown, not enabled by the node's
             ``[runtime] enable_annotations`` or malformed (the pod asked for something wrong).
@@ -268,6 +274,7 @@ class VmSandbox:
             net = self.network
             await agent.create_sandbox(
                 sandbox_id=self.sandbox_id,
+                hostname=hostname,
                 share_tag=SHARE_TAG,
                 interfaces=net.interfaces if net else (),
                 routes=net.routes if net else (),
@@ -443,7 +450,12 @@ class VmSandbox:
         annotations = spec.get("annotations") or {}
         if not self._containers and cid == self.sandbox_id:
             self._sandbox_hint = mem_policy.sandbox_memory_hint(annotations)
-        agent = await self._ensure_vm(request.config_path, annotations, network.netns_path(spec))
+        agent = await self._ensure_vm(
+            request.config_path,
+            annotations,
+            network.netns_path(spec),
+            guest_hostname(spec, socket.gethostname()) if self.agent is None else "",
+        )
         limit = mem_policy.limit_of(_memory_limit((spec.get("linux") or {}).get("resources") or {}))
         mounted = False
         io: HostIO | None = None

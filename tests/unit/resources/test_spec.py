@@ -13,7 +13,7 @@ import pytest
 
 from shim.errors import InvalidArgument
 from shim.paths import GUEST_SHARE_DIR
-from shim.resources.spec import PodNamespaces, guest_cgroups_path, is_cri, rewrite_spec
+from shim.resources.spec import PodNamespaces, guest_cgroups_path, guest_hostname, is_cri, rewrite_spec
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "cri"
 SB = "sb1"
@@ -230,3 +230,18 @@ def test_oci_version_newer_than_guest_crun_is_lowered(version: str, expected: st
     out = rewrite_spec(spec, container_id="c1", sandbox_id="c1", guest_mounts={})
     assert out.spec["ociVersion"] == expected
     assert any("ociVersion" in a for a in out.adjustments) == (version != expected)
+
+
+@pytest.mark.parametrize(
+    ("spec_hostname", "host", "expected"),
+    [
+        ("web-0", "node1", "web-0"),  # the pod's (CRI), or ctr run --hostname
+        (None, "node1.example.org", "node1.example.org"),  # else the host's, as runc shows it
+        ("", "node1", "node1"),
+        (None, "bad_name", ""),  # not a name the guest takes: it keeps its own
+        ("x" * 65, "node1", ""),
+    ],
+)
+def test_guest_hostname(spec_hostname: str | None, host: str, expected: str) -> None:
+    spec = {} if spec_hostname is None else {"hostname": spec_hostname}
+    assert guest_hostname(spec, host) == expected
