@@ -1,8 +1,9 @@
 """A pod's containers come and go the way kubelet drives them, all in the pod's one VM (containerd
 1.6 CRI, ``cri_api`` v1 client): a container that runs to completion (exit code, reason, CRI log
-lines), its restart as attempt 1, a container whose command does not exist (a clear error; the pod
-and its other container keep running; nothing of it is left), StopContainer's grace period (SIGTERM
-trapped, or SIGKILL when it is not), and a clean removal.
+lines) and its restart as attempt 1, one that the guest's OOM killer ends (reason OOMKilled), one
+whose command does not exist (a clear error; the pod and its other containers keep running; nothing
+of it is left), StopContainer's grace period (SIGTERM trapped, or SIGKILL when it is not), and a
+clean removal.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ pytestmark = [pytest.mark.containerd, pytest.mark.vm, pytest.mark.slow, pytest.m
 
 #: a container's own exit under TCG, and containerd seeing it
 EXIT_TIMEOUT = 120.0
+MiB = 1 << 20
 
 
 @pytest.fixture
@@ -73,6 +75,15 @@ def test_container_lifecycle_in_the_pods_vm(cri_vm: tuple[CriContainerd, Path]) 
     assert st.finished_at >= st.started_at > 0, st
     lines = _log_lines(log_dir, "job", 0)
     assert ("stdout", "F", "hello") in lines and ("stderr", "F", "oops") in lines, lines
+
+    # over its memory limit: the guest kernel's OOM killer ends it, and CRI says so
+    hog_cfg = h.container_config(
+        "hog", ["sh", "-c", "head -c 400m /dev/zero | tail"], memory_limit=64 * MiB
+    )  # tail keeps the whole (newline-free) input in memory
+    hog = client.create_and_start(pod, hog_cfg, pod_cfg)
+    st = _exited(h, hog)
+    assert (st.reason, st.exit_code) == ("OOMKilled", 137), st
+    client.remove_container(hog)
 
     # kubelet's restart: remove it and create attempt 1, in the same VM
     client.remove_container(job)
