@@ -162,6 +162,22 @@ def cri_sandbox_vcpus(annotations: Mapping[str, str], *, host_cpus: int) -> int 
         period = int(annotations.get(CRI_CPU_PERIOD, "0") or 0)
     except ValueError:
         return None
+    return _vcpus(quota, period, host_cpus)
+
+
+def container_vcpus(resources: Mapping[str, Any], *, host_cpus: int) -> int | None:
+    """vCPUs a container's own CPU limit asks for (OCI ``linux.resources.cpu`` quota / period, e.g.
+    ``ctr run --cpus 2``), capped at the host's CPUs; None without a limit or when malformed."""
+    cpu = resources.get("cpu")
+    if not isinstance(cpu, Mapping):
+        return None
+    quota, period = cpu.get("quota"), cpu.get("period")
+    if not isinstance(quota, int) or not isinstance(period, int) or isinstance(quota, bool):
+        return None
+    return _vcpus(quota, period, host_cpus)
+
+
+def _vcpus(quota: int, period: int, host_cpus: int) -> int | None:
     if quota <= 0 or period <= 0:
         return None
     return max(1, min(host_cpus, -(-quota // period)))

@@ -52,8 +52,8 @@ from shim.paths import SHARE_TAG, SandboxDir
 from shim.platform import accel
 from shim.resources import memory as mem_policy
 from shim.resources import network
-from shim.resources.annotations import cri_sandbox_vcpus, parse_pod_annotations
-from shim.resources.spec import PodNamespaces, guest_hostname, rewrite_spec
+from shim.resources.annotations import container_vcpus, cri_sandbox_vcpus, parse_pod_annotations
+from shim.resources.spec import PodNamespaces, guest_hostname, is_cri, rewrite_spec
 from shim.resources.storage import RootfsMount, SandboxStorage, cleanup_sandbox_share
 from shim.sandbox.hostio import HostIO, open_host_io
 from shim.sandbox.metrics_source import HotplugObserver, TimedTtrpc, VmMetricsSource
@@ -205,10 +205,12 @@ class VmSandbox:
         annotations: Mapping[str, str],
         netns: str | None = None,
         hostname: str = "",
+        standalone_vcpus: int | None = None,
     ) -> AgentClient:
         """Boot the sandbox's VM once; later calls return its agent. ``netns``: the pod's network
         namespace (CRI's, from the first container's spec): its interfaces become the VM's NICs.
-        ``hostname``: the VM's own ("" keeps the guest's).
+        ``hostname``: the VM's own ("" keeps the guest's). ``standalone_vcpus``: what a standalone
+        container's own CPU limit asks for (a CRI pod's comes from the sandbox annotations).
 
         :raises InvalidArgument: an ``io.pyvm.*`` annotation is unknown, not enabled by the node's
             ``[runtime] enable_annotations`` or malformed (the pod asked for something wrong).
@@ -228,6 +230,8 @@ class VmSandbox:
                 annotations, cfg.runtime.enable_annotations
             ).hypervisor_overrides()
             vcpus = cri_sandbox_vcpus(annotations, host_cpus=os.cpu_count() or 1)
+            if vcpus is None:
+                vcpus = standalone_vcpus
             if vcpus is not None and "vcpus" not in overrides and vcpus > cfg.hypervisor.vcpus:
                 overrides["vcpus"] = vcpus
             if overrides:
@@ -448,6 +452,7 @@ class VmSandbox:
             raise FailedPrecondition(f"container {cid} already exists in sandbox {self.sandbox_id}")
         spec = _read_spec(request.bundle)
         annotations = spec.get("annotations") or {}
+        resources = (spec.get("linux") or {}).get("resources") or {}
         if not self._containers and cid == self.sandbox_id:
             self._sandbox_hint = mem_policy.sandbox_memory_hint(annotations)
         agent = await self._ensure_vm(
@@ -455,8 +460,9 @@ class VmSandbox:
             annotations,
             network.netns_path(spec),
             guest_hostname(spec, socket.gethostname()) if self.agent is None else "",
+            None if is_cri(spec) else container_vcpus(resources, host_cpus=os.cpu_count() or 1),
         )
-        limit = mem_policy.limit_of(_memory_limit((spec.get("linux") or {}).get("resources") or {}))
+        limit = mem_policy.limit_of(_memory_limit(resources))
         mounted = False
         io: HostIO | None = None
         c = _Container(cid, request.bundle, memory_limit=limit)

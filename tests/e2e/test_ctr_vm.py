@@ -10,6 +10,7 @@ left: no QEMU, virtiofsd or shim process, no mount under the run root, no sandbo
 
 from __future__ import annotations
 
+import os
 import platform
 import shutil
 import socket
@@ -122,16 +123,24 @@ def vm_env(env: Env) -> Iterator[Env]:
 
 
 def test_guest_kernel_and_exit_code(vm_env: Env) -> None:
-    r = vm_env.run("kexit", "sh", "-c", "uname -r; hostname; exit 7")
+    r = vm_env.run("kexit", "sh", "-c", "uname -r; hostname; nproc; exit 7")
     release = guest_kernel_release()
     # the hostname is the host's, as runc shows it to a container with a new UTS namespace (unless
-    # the guest cannot take that name: then the guest kernel's default)
+    # the guest cannot take that name: then the guest kernel's default); the configuration's 1 vCPU
     host = socket.gethostname()
     hostname = host if guest_hostname({}, host) else "(none)"
-    assert r.stdout.split() == [release, hostname], (r.stdout, r.stderr, vm_env.c.log_tail())
+    assert r.stdout.split() == [release, hostname, "1"], (r.stdout, r.stderr, vm_env.c.log_tail())
     assert r.returncode == 7, r.stderr
     if platform.release() != release:
         assert r.stdout.strip() != platform.release()  # it really ran in the guest kernel
+
+
+def test_cpu_limit_sizes_the_vm(vm_env: Env) -> None:
+    # with runc, --cpus 2 lets the container use two of the host's CPUs; a VM of the configured
+    # 1 vCPU would give it one: the VM gets the vCPUs the limit asks for (at most the host's)
+    r = vm_env.run("kcpus", "nproc", opts=("--cpus", "2"))
+    assert r.returncode == 0, (r.stderr, vm_env.c.log_tail())
+    assert r.stdout.strip() == str(min(2, os.cpu_count() or 1)), r.stdout
 
 
 def test_the_vm_is_restored_from_the_template(vm_env: Env) -> None:

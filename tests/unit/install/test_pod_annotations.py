@@ -112,3 +112,23 @@ def test_cri_sandbox_cpu_limit_becomes_vcpus_capped_at_the_host():
     no_limit = {"io.kubernetes.cri.sandbox-cpu-quota": "0", "io.kubernetes.cri.sandbox-cpu-period": "100000"}
     assert cri_sandbox_vcpus(no_limit, host_cpus=8) is None
     assert cri_sandbox_vcpus({"io.kubernetes.cri.sandbox-cpu-quota": "x"}, host_cpus=8) is None
+
+
+@pytest.mark.parametrize(
+    ("cpu", "host_cpus", "expected"),
+    [
+        ({"quota": 200000, "period": 100000}, 8, 2),  # ctr run --cpus 2
+        ({"quota": 150000, "period": 100000}, 8, 2),  # 1.5 CPUs round up
+        ({"quota": 400000, "period": 100000}, 2, 2),  # capped at the host
+        ({"quota": -1, "period": 100000}, 8, None),  # unlimited
+        ({"shares": 1024}, 8, None),  # shares are a weight, not a limit
+        ({"quota": "200000", "period": 100000}, 8, None),  # malformed
+        ({"quota": True, "period": 1}, 8, None),
+        (None, 8, None),
+    ],
+)
+def test_a_standalone_containers_cpu_limit_becomes_vcpus(cpu, host_cpus, expected):
+    from shim.resources.annotations import container_vcpus
+
+    resources = {} if cpu is None else {"cpu": cpu}
+    assert container_vcpus(resources, host_cpus=host_cpus) == expected
