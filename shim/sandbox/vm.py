@@ -199,18 +199,11 @@ class VmSandbox:
 
     # -- boot -------------------------------------------------------------------------------------------
 
-    async def _ensure_vm(
-        self,
-        config_path: str,
-        annotations: Mapping[str, str],
-        netns: str | None = None,
-        hostname: str = "",
-        standalone_vcpus: int | None = None,
-    ) -> AgentClient:
-        """Boot the sandbox's VM once; later calls return its agent. ``netns``: the pod's network
-        namespace (CRI's, from the first container's spec): its interfaces become the VM's NICs.
-        ``hostname``: the VM's own ("" keeps the guest's). ``standalone_vcpus``: what a standalone
-        container's own CPU limit asks for (a CRI pod's comes from the sandbox annotations).
+    async def _ensure_vm(self, config_path: str, spec: Mapping[str, Any]) -> AgentClient:
+        """Boot the sandbox's VM once, sized and named by ``spec``, the first container's; later
+        calls return its agent. From the spec: the ``io.pyvm.*`` and CRI sizing annotations, the
+        vCPUs a standalone container's own CPU limit asks for, the VM's hostname, and the pod's
+        network namespace (CRI's), whose interfaces become the VM's NICs.
 
         :raises InvalidArgument: an ``io.pyvm.*`` annotation is unknown, not enabled by the node's
             ``[runtime] enable_annotations`` or malformed (the pod asked for something wrong).
@@ -226,12 +219,15 @@ class VmSandbox:
                 cfg = config_mod.load(config_path or None)
             except InvalidArgument as exc:
                 raise FailedPrecondition(f"pyvm configuration: {exc}") from exc
+            annotations = spec.get("annotations") or {}
             overrides = parse_pod_annotations(
                 annotations, cfg.runtime.enable_annotations
             ).hypervisor_overrides()
-            vcpus = cri_sandbox_vcpus(annotations, host_cpus=os.cpu_count() or 1)
-            if vcpus is None:
-                vcpus = standalone_vcpus
+            host_cpus = os.cpu_count() or 1
+            vcpus = cri_sandbox_vcpus(annotations, host_cpus=host_cpus)
+            if vcpus is None and not is_cri(spec):
+                resources = (spec.get("linux") or {}).get("resources") or {}
+                vcpus = container_vcpus(resources, host_cpus=host_cpus)
             if vcpus is not None and "vcpus" not in overrides and vcpus > cfg.hypervisor.vcpus:
                 overrides["vcpus"] = vcpus
             if overrides:
@@ -256,7 +252,7 @@ class VmSandbox:
                 raise FailedPrecondition(f"{exc}; {GUEST_BUILD_HINT}", **exc.facts) from exc
             self.sdir.root.mkdir(mode=0o700, parents=True, exist_ok=True)
             await asyncio.to_thread(self.storage.prepare_share)
-            nics = await self._wire_network(netns)
+            nics = await self._wire_network(network.netns_path(spec))
             try:
                 vm, agent = await boot_vm(
                     cfg, self.sdir, verdict, on_exit=self._vm_exited, created=self._set_vm, nics=nics
@@ -278,7 +274,7 @@ class VmSandbox:
             net = self.network
             await agent.create_sandbox(
                 sandbox_id=self.sandbox_id,
-                hostname=hostname,
+                hostname=guest_hostname(spec, socket.gethostname()),
                 share_tag=SHARE_TAG,
                 interfaces=net.interfaces if net else (),
                 routes=net.routes if net else (),
@@ -451,18 +447,10 @@ class VmSandbox:
         if cid in self._containers:
             raise FailedPrecondition(f"container {cid} already exists in sandbox {self.sandbox_id}")
         spec = _read_spec(request.bundle)
-        annotations = spec.get("annotations") or {}
-        resources = (spec.get("linux") or {}).get("resources") or {}
         if not self._containers and cid == self.sandbox_id:
-            self._sandbox_hint = mem_policy.sandbox_memory_hint(annotations)
-        agent = await self._ensure_vm(
-            request.config_path,
-            annotations,
-            network.netns_path(spec),
-            guest_hostname(spec, socket.gethostname()) if self.agent is None else "",
-            None if is_cri(spec) else container_vcpus(resources, host_cpus=os.cpu_count() or 1),
-        )
-        limit = mem_policy.limit_of(_memory_limit(resources))
+            self._sandbox_hint = mem_policy.sandbox_memory_hint(spec.get("annotations") or {})
+        agent = await self._ensure_vm(request.config_path, spec)
+        limit = mem_policy.limit_of(_memory_limit((spec.get("linux") or {}).get("resources") or {}))
         mounted = False
         io: HostIO | None = None
         c = _Container(cid, request.bundle, memory_limit=limit)
