@@ -242,9 +242,14 @@ def parse(interfaces: Iterable[pb.Interface], routes: Iterable[pb.Route]) -> Net
 # -- applying it ---------------------------------------------------------------------------------
 
 
+def _errno(exc: Exception) -> int | None:
+    """The errno of a failed request: pyroute2's NetlinkError has it as ``code``, OSError as ``errno``."""
+    return getattr(exc, "code", None) or getattr(exc, "errno", None)
+
+
 def _kernel_says(exc: Exception) -> str:
     """The kernel's words for a failed request: its extended ack message and the errno's name."""
-    code = getattr(exc, "code", None) or getattr(exc, "errno", None)
+    code = _errno(exc)
     if not code:
         return str(exc)
     strerror = os.strerror(code)
@@ -311,7 +316,7 @@ class _Netlink:
         try:
             await getattr(self.ipr, call)(command, **kw)
         except self._errors as exc:
-            code = getattr(exc, "code", None) or getattr(exc, "errno", None)
+            code = _errno(exc)
             if exist_ok and code == errno.EEXIST:
                 return
             raise FailedPrecondition(f"cannot {what}: {_kernel_says(exc)}", errno=code) from exc
