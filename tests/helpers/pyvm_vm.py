@@ -330,19 +330,17 @@ def cri_vm_dirs(prefix: str) -> tuple[Path, Path]:
 def remove_pod_and_check_clean(h: CriContainerd, run_root: Path, pod: str) -> None:
     """StopPodSandbox + RemovePodSandbox as kubelet does; then nothing of the pod may be left (its
     shim cleans up after it answered, so this polls for up to 30 s)."""
-    bundles = [h.state / "io.containerd.runtime.v2.task" / "k8s.io" / pod]
     h.client.stop_pod_sandbox(pod)
     h.client.remove_pod_sandbox(pod)
     assert h.client.list_pod_sandbox() == []
-    deadline = time.monotonic() + 30
-    while True:
-        left = sandbox_leftovers(
-            run_root, pod, containerd_address=str(h.socket), namespace="k8s.io", bundles=bundles
-        )
-        if not left or time.monotonic() > deadline:
-            break
-        time.sleep(0.3)
-    assert left == [], left
+    wait_clean(
+        30,
+        run_root=run_root,
+        sandbox_id=pod,
+        containerd_address=str(h.socket),
+        namespace="k8s.io",
+        bundles=[h.state / "io.containerd.runtime.v2.task" / "k8s.io" / pod],
+    )
     assert not list((run_root / "sbs").iterdir()) if (run_root / "sbs").exists() else True
 
 
