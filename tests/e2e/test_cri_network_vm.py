@@ -32,8 +32,8 @@ from tests.helpers.pyvm_vm import (
     VENV_BIN,
     cri_vm_dirs,
     pyvm_cri,
-    wait_clean,
     wait_for,
+    wait_pod_clean,
 )
 
 pytestmark = [pytest.mark.containerd, pytest.mark.vm, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -143,11 +143,4 @@ def test_pod_network_reaches_the_vm(cri_net: tuple[CriContainerd, Path]) -> None
     for pod in (web, other):
         client.stop_pod_sandbox(pod)
         client.remove_pod_sandbox(pod)
-        wait_clean(
-            30,
-            run_root=run_root,
-            sandbox_id=pod,
-            containerd_address=str(h.socket),
-            namespace="k8s.io",
-            bundles=[h.state / "io.containerd.runtime.v2.task" / "k8s.io" / pod],
-        )
+        wait_pod_clean(h, run_root, pod)

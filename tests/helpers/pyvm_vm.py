@@ -333,15 +333,20 @@ def remove_pod_and_check_clean(h: CriContainerd, run_root: Path, pod: str) -> No
     h.client.stop_pod_sandbox(pod)
     h.client.remove_pod_sandbox(pod)
     assert h.client.list_pod_sandbox() == []
+    wait_pod_clean(h, run_root, pod)
+    assert not list((run_root / "sbs").iterdir()) if (run_root / "sbs").exists() else True
+
+
+def wait_pod_clean(h: CriContainerd, run_root: Path, pod: str, timeout: float = 30) -> None:
+    """:func:`wait_clean` for a CRI pod of ``h`` whose VMs run under ``run_root``."""
     wait_clean(
-        30,
+        timeout,
         run_root=run_root,
         sandbox_id=pod,
         containerd_address=str(h.socket),
         namespace="k8s.io",
         bundles=[h.state / "io.containerd.runtime.v2.task" / "k8s.io" / pod],
     )
-    assert not list((run_root / "sbs").iterdir()) if (run_root / "sbs").exists() else True
 
 
 @contextlib.contextmanager
